@@ -1,0 +1,34 @@
+//! Ward: an Envoy xDS control plane that gives every service in a mesh
+//! mutual TLS.
+//!
+//! Data flow:
+//!
+//! ```text
+//! discovery (kube | dir) ──► model::Mesh (Arc, watch channel)
+//!                                 │
+//! ca (issue / rotate) ───────────►│
+//!                                 ▼
+//!                      translate (pure: mesh + proxy + certs → resources)
+//!                                 ▼
+//!                      xds cache (versioned resources per proxy and type)
+//!                                 ▼
+//!                      xds streams (ADS) ──► Envoy ──► ACK/NACK
+//!                                 ▼
+//!                      admin (health, metrics, debug)
+//! ```
+//!
+//! - [`model`]: services, workloads, endpoints, identities; no k8s/Envoy types.
+//! - [`discovery`]: Kubernetes-style YAML (directory) → [`model::Mesh`].
+//! - [`ca`]: the built-in certificate authority and per-proxy certificates.
+//! - [`translate`]: the pure model → Envoy resources function; [`translate::names`]
+//!   builds every resource name.
+//! - [`xds`]: snapshot cache and the ADS gRPC server.
+//! - [`admin`]: HTTP health, readiness, metrics and debug endpoints.
+//! - [`app`]: wiring: spawns every task and shuts them down together.
+
+pub mod model;
+pub mod translate;
+pub mod admin;
+pub mod ca;
+pub mod discovery;
+pub mod xds;

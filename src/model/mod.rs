@@ -1,0 +1,376 @@
+//! The mesh as Ward sees it: services, workloads, endpoints and identities.
+//!
+//! No Kubernetes or Envoy types appear here. Discovery (`crate::discovery`)
+//! converts Kubernetes objects into a [`Mesh`]; translation
+//! (`crate::translate`) turns a `Mesh` into Envoy resources. Every map is a
+//! `BTreeMap` so iteration order — and therefore generated config — is
+//! deterministic.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::IpAddr;
+
+/// Default SPIFFE trust domain, as in Istio and Linkerd.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
+/// `namespace/name` of a namespaced object (a Service or a Pod).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+pub struct ObjectKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Parse error for `NAMESPACE/NAME`.
+#[derive(Debug, thiserror::Error)]
+#[error("expected NAMESPACE/NAME, got {0:?}")]
+pub struct ObjectKeyParseError(String);
+
+impl std::str::FromStr for ObjectKey {
+    type Err = ObjectKeyParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once('/') {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                Ok(Self::new(ns, name))
+            }
+            _ => Err(ObjectKeyParseError(s.to_string())),
+        }
+    }
+}
+
+/// A workload identity: `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub struct SpiffeId {
+    pub trust_domain: String,
+    pub namespace: String,
+    pub service_account: String,
+}
+
+impl SpiffeId {
+    pub fn new(
+        trust_domain: impl Into<String>,
+        namespace: impl Into<String>,
+        service_account: impl Into<String>,
+    ) -> Self {
+        Self {
+            trust_domain: trust_domain.into(),
+            namespace: namespace.into(),
+            service_account: service_account.into(),
+        }
+    }
+
+    /// The URI form placed in the certificate's URI SAN.
+    pub fn uri(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl fmt::Display for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "spiffe://{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
+    }
+}
+
+/// Application protocol of a service port; decides HTTP connection manager
+/// (with routes) versus tcp_proxy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Http,
+    Tcp,
+}
+
+impl Protocol {
+    /// Kubernetes conventions, in order: `appProtocol` (`http`, `http2`,
+    /// `grpc`, `kubernetes.io/h2c`, ...), then the Istio port-name prefix
+    /// (`http`, `http-web`, `grpc-api`, ...). Everything else is opaque TCP.
+    pub fn detect(app_protocol: Option<&str>, port_name: Option<&str>) -> Self {
+        let is_http = |s: &str| {
+            let s = s.to_ascii_lowercase();
+            let prefix = s.split(['-', '_']).next().unwrap_or_default().to_string();
+            matches!(
+                prefix.as_str(),
+                "http" | "http2" | "h2c" | "grpc" | "grpc-web" | "kubernetes.io/h2c"
+            ) || s == "kubernetes.io/h2c"
+        };
+        match app_protocol {
+            Some(p) if !p.is_empty() => {
+                if is_http(p) {
+                    Protocol::Http
+                } else {
+                    Protocol::Tcp
+                }
+            }
+            _ => match port_name {
+                Some(n) if is_http(n) => Protocol::Http,
+                _ => Protocol::Tcp,
+            },
+        }
+    }
+}
+
+/// `targetPort` of a Service port: a number, or the name of a container port.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(untagged)]
+pub enum TargetPort {
+    Number(u16),
+    Name(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub struct ServicePort {
+    /// Port name; empty when the Service has a single unnamed port.
+    pub name: String,
+    /// The port clients call.
+    pub port: u16,
+    pub target_port: TargetPort,
+    pub protocol: Protocol,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Service {
+    pub key: ObjectKey,
+    /// Sorted by port number.
+    pub ports: Vec<ServicePort>,
+    /// Empty selector = the Service has no selector (endpoints come only
+    /// from EndpointSlices).
+    pub selector: BTreeMap<String, String>,
+}
+
+impl Service {
+    pub fn port(&self, port: u16) -> Option<&ServicePort> {
+        self.ports.iter().find(|p| p.port == port)
+    }
+
+    pub fn port_by_name(&self, name: &str) -> Option<&ServicePort> {
+        self.ports.iter().find(|p| p.name == name)
+    }
+
+    /// Does this Service's selector pick the workload? A Service with no
+    /// selector selects nothing (as in Kubernetes).
+    pub fn selects(&self, w: &Workload) -> bool {
+        w.key.namespace == self.key.namespace
+            && !self.selector.is_empty()
+            && self
+                .selector
+                .iter()
+                .all(|(k, v)| w.labels.get(k) == Some(v))
+    }
+
+    /// `name.namespace.svc.cluster.local`, used for HTTP virtual host domains.
+    pub fn hostname(&self) -> String {
+        format!("{}.{}.svc.cluster.local", self.key.name, self.key.namespace)
+    }
+}
+
+/// A container port declared by a pod.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub struct ContainerPort {
+    pub name: Option<String>,
+    pub port: u16,
+}
+
+/// A pod: something that runs a sidecar and has an identity.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Workload {
+    pub key: ObjectKey,
+    pub labels: BTreeMap<String, String>,
+    /// `spec.serviceAccountName`, `default` when unset (as in Kubernetes).
+    pub service_account: String,
+    /// `status.podIP`: where the sidecar accepts mesh (inbound) traffic.
+    pub ip: IpAddr,
+    /// Ready as Kubernetes reports it; unready pods are not load-balanced to.
+    pub ready: bool,
+    pub ports: Vec<ContainerPort>,
+    /// Where the local application listens; the sidecar's inbound listener
+    /// forwards to `app_ip:<targetPort>`. Annotation `ward.io/app-ip`,
+    /// default `127.0.0.1` (the app shares the pod's network namespace).
+    pub app_ip: IpAddr,
+    /// Where the sidecar's outbound listeners bind: one per upstream service
+    /// port at `outbound_ip:<service port>`. Annotation `ward.io/outbound-ip`,
+    /// default the pod IP.
+    pub outbound_ip: IpAddr,
+}
+
+impl Workload {
+    pub fn spiffe_id(&self, trust_domain: &str) -> SpiffeId {
+        SpiffeId::new(trust_domain, &self.key.namespace, &self.service_account)
+    }
+
+    /// Resolve a Service `targetPort` against this pod's container ports.
+    pub fn resolve_target_port(&self, target: &TargetPort) -> Option<u16> {
+        match target {
+            TargetPort::Number(n) => Some(*n),
+            TargetPort::Name(name) => self
+                .ports
+                .iter()
+                .find(|p| p.name.as_deref() == Some(name.as_str()))
+                .map(|p| p.port),
+        }
+    }
+}
+
+/// One backend address of a service port.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub struct Endpoint {
+    pub ip: IpAddr,
+    /// The resolved target port on the backend.
+    pub port: u16,
+    pub ready: bool,
+    /// The pod behind the address, when known; its service account is the
+    /// identity clients expect the server to present.
+    pub workload: Option<ObjectKey>,
+    pub service_account: Option<String>,
+}
+
+/// `(service, service port)`.
+pub type ServicePortKey = (ObjectKey, u16);
+
+/// The whole mesh at one point in time. Immutable once built; shared as
+/// `Arc<Mesh>` through a `watch` channel.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct Mesh {
+    pub services: BTreeMap<ObjectKey, Service>,
+    pub workloads: BTreeMap<ObjectKey, Workload>,
+    /// Resolved endpoints per service port, sorted.
+    #[serde(serialize_with = "ser_endpoints")]
+    pub endpoints: BTreeMap<ServicePortKey, Vec<Endpoint>>,
+}
+
+fn ser_endpoints<S: serde::Serializer>(
+    m: &BTreeMap<ServicePortKey, Vec<Endpoint>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut map = s.serialize_map(Some(m.len()))?;
+    for ((svc, port), eps) in m {
+        map.serialize_entry(&format!("{svc}:{port}"), eps)?;
+    }
+    map.end()
+}
+
+impl Mesh {
+    /// Services whose selector picks this workload, in key order.
+    pub fn services_selecting<'a>(&'a self, w: &'a Workload) -> impl Iterator<Item = &'a Service> {
+        self.services.values().filter(move |s| s.selects(w))
+    }
+
+    pub fn endpoints(&self, service: &ObjectKey, port: u16) -> &[Endpoint] {
+        self.endpoints
+            .get(&(service.clone(), port))
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    }
+
+    /// Service accounts that back a service (across all its ports): the
+    /// SPIFFE identities a client accepts from the server. Empty when no
+    /// backend is known.
+    pub fn service_accounts(&self, service: &ObjectKey) -> BTreeSet<String> {
+        let mut out: BTreeSet<String> = self
+            .endpoints
+            .range((service.clone(), 0)..=(service.clone(), u16::MAX))
+            .flat_map(|(_, eps)| eps.iter().filter_map(|e| e.service_account.clone()))
+            .collect();
+        if let Some(svc) = self.services.get(service) {
+            out.extend(
+                self.workloads
+                    .values()
+                    .filter(|w| svc.selects(w))
+                    .map(|w| w.service_account.clone()),
+            );
+        }
+        out
+    }
+
+    /// Does any pod with a sidecar back this service? Destinations outside
+    /// the mesh get plaintext from clients.
+    pub fn has_sidecars(&self, service: &ObjectKey) -> bool {
+        !self.service_accounts(service).is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spiffe_id_uri() {
+        let id = SpiffeId::new("cluster.local", "demo", "server");
+        assert_eq!(id.uri(), "spiffe://cluster.local/ns/demo/sa/server");
+    }
+
+    #[test]
+    fn protocol_detection_follows_kubernetes_conventions() {
+        assert_eq!(Protocol::detect(Some("http"), None), Protocol::Http);
+        assert_eq!(Protocol::detect(Some("kubernetes.io/h2c"), None), Protocol::Http);
+        assert_eq!(Protocol::detect(Some("grpc"), Some("tcp")), Protocol::Http);
+        assert_eq!(Protocol::detect(Some("tcp"), Some("http")), Protocol::Tcp);
+        assert_eq!(Protocol::detect(None, Some("http-web")), Protocol::Http);
+        assert_eq!(Protocol::detect(None, Some("grpc-api")), Protocol::Http);
+        assert_eq!(Protocol::detect(None, Some("redis")), Protocol::Tcp);
+        assert_eq!(Protocol::detect(None, Some("httpx")), Protocol::Tcp);
+        assert_eq!(Protocol::detect(None, None), Protocol::Tcp);
+    }
+
+    #[test]
+    fn object_key_parse() {
+        let k: ObjectKey = "demo/server".parse().unwrap();
+        assert_eq!(k, ObjectKey::new("demo", "server"));
+        assert!("demo".parse::<ObjectKey>().is_err());
+        assert!("/x".parse::<ObjectKey>().is_err());
+        assert!("a/b/c".parse::<ObjectKey>().is_err());
+    }
+
+    fn workload(ns: &str, name: &str, sa: &str, labels: &[(&str, &str)]) -> Workload {
+        Workload {
+            key: ObjectKey::new(ns, name),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            service_account: sa.into(),
+            ip: "127.0.0.10".parse().unwrap(),
+            ready: true,
+            ports: vec![ContainerPort { name: Some("web".into()), port: 8080 }],
+            app_ip: "127.0.0.1".parse().unwrap(),
+            outbound_ip: "127.0.0.10".parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn selection_needs_same_namespace_and_all_labels() {
+        let svc = Service {
+            key: ObjectKey::new("demo", "server"),
+            ports: vec![],
+            selector: [("app".to_string(), "server".to_string())].into(),
+        };
+        assert!(svc.selects(&workload("demo", "s-1", "server", &[("app", "server"), ("x", "y")])));
+        assert!(!svc.selects(&workload("other", "s-1", "server", &[("app", "server")])));
+        assert!(!svc.selects(&workload("demo", "c-1", "client", &[("app", "client")])));
+        let no_selector = Service { selector: BTreeMap::new(), ..svc };
+        assert!(!no_selector.selects(&workload("demo", "s-1", "server", &[("app", "server")])));
+    }
+
+    #[test]
+    fn target_port_resolution() {
+        let w = workload("demo", "s-1", "server", &[]);
+        assert_eq!(w.resolve_target_port(&TargetPort::Number(9000)), Some(9000));
+        assert_eq!(w.resolve_target_port(&TargetPort::Name("web".into())), Some(8080));
+        assert_eq!(w.resolve_target_port(&TargetPort::Name("nope".into())), None);
+    }
+}
