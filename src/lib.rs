@@ -26,9 +26,14 @@
 //! - [`admin`]: HTTP health, readiness, metrics and debug endpoints.
 //! - [`app`]: wiring: spawns every task and shuts them down together.
 
+pub mod metrics;
 pub mod model;
 pub mod translate;
 pub mod admin;
 pub mod ca;
 pub mod discovery;
 pub mod xds;
+pub mod app;
+pub mod bootstrap;
+pub mod demo;
+pub mod sample_app;

@@ -1,1 +1,97 @@
-//! Admin HTTP: health, readiness, metrics, debug.
+//! Admin HTTP: `/healthz`, `/readyz`, `/metrics` and `/debug/*` JSON.
+//!
+//! Nothing here ever renders private keys: certificate status carries
+//! serials, identities and dates only.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::ca::CertManager;
+use crate::discovery::DiscoveryStatus;
+use crate::metrics::Metrics;
+use crate::xds::{MeshSnapshot, ProxyRegistry};
+
+/// What the admin endpoints read. All of it is owned elsewhere.
+#[derive(Clone)]
+pub struct AdminState {
+    pub registry: Arc<ProxyRegistry>,
+    pub metrics: Arc<Metrics>,
+    pub certs: CertManager,
+    pub discovery: watch::Receiver<Arc<DiscoveryStatus>>,
+    pub snapshots: watch::Receiver<Arc<MeshSnapshot>>,
+}
+
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/debug/proxies", get(proxies))
+        .route("/debug/certs", get(certs))
+        .route("/debug/config", get(config))
+        .route("/debug/mesh", get(mesh))
+        .with_state(state)
+}
+
+/// Serve until `shutdown`.
+pub async fn serve(
+    state: AdminState,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+/// Ready once discovery has synced; the CA is loaded before the admin
+/// server even starts.
+async fn readyz(State(s): State<AdminState>) -> Response {
+    let status = s.discovery.borrow().clone();
+    if status.synced {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "discovery has not synced yet\n").into_response()
+    }
+}
+
+async fn metrics(State(s): State<AdminState>) -> Response {
+    match s.metrics.encode() {
+        Ok(body) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+async fn proxies(State(s): State<AdminState>) -> Json<serde_json::Value> {
+    Json(json!({ "proxies": s.registry.list() }))
+}
+
+async fn certs(State(s): State<AdminState>) -> Json<serde_json::Value> {
+    Json(json!({ "certificates": s.certs.status() }))
+}
+
+async fn config(State(s): State<AdminState>) -> Json<serde_json::Value> {
+    let status = s.discovery.borrow().clone();
+    Json(json!({ "discovery": *status }))
+}
+
+async fn mesh(State(s): State<AdminState>) -> Json<serde_json::Value> {
+    let snap = s.snapshots.borrow().clone();
+    Json(json!({ "generation": snap.generation, "mesh": *snap.mesh }))
+}

@@ -1,0 +1,349 @@
+//! The ADS gRPC server: authenticates each connection, then runs one task
+//! per stream that drives the [`SotwStream`] state machine from three
+//! inputs — requests, mesh snapshots and the proxy's certificate.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use futures::{Stream, StreamExt};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::cache::{MeshSnapshot, proxy_snapshot};
+use super::sotw::{RequestKind, SotwStream};
+use super::status::{NackStatus, ProxyRegistry, ProxyStatus, unix_now};
+use crate::ca::{CertManager, xds_client_identity};
+use crate::metrics::{Metrics, ReasonLabels, TypeLabels};
+use crate::model::{ObjectKey, SpiffeId};
+use crate::translate::{ProxyResources, names, type_url};
+
+#[derive(Debug, thiserror::Error)]
+pub enum XdsError {
+    #[error("xDS server TLS configuration: {0}")]
+    Tls(#[source] tonic::transport::Error),
+    #[error("xDS server on {addr}: {source}")]
+    Serve {
+        addr: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+}
+
+/// Everything a stream needs, shared by all streams.
+pub struct XdsContext {
+    pub trust_domain: String,
+    /// Latest mesh snapshot (single writer: [`super::cache::MeshCache`]).
+    pub snapshots: watch::Receiver<Arc<MeshSnapshot>>,
+    pub certs: CertManager,
+    pub registry: Arc<ProxyRegistry>,
+    pub metrics: Arc<Metrics>,
+    /// `--insecure-xds`: trust `node.id` without a client certificate.
+    pub insecure: bool,
+    /// Ends every stream on shutdown.
+    pub shutdown: CancellationToken,
+}
+
+/// The server's TLS material: its own cert and key, and the CA bundle
+/// that client (sidecar) credentials must chain to.
+pub struct XdsTls {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub client_ca_pem: String,
+}
+
+/// Serve ADS on an already-bound listener until `shutdown`.
+pub async fn serve(
+    ctx: Arc<XdsContext>,
+    listener: TcpListener,
+    tls: Option<XdsTls>,
+) -> Result<(), XdsError> {
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let shutdown = ctx.shutdown.clone();
+    let mut builder = tonic::transport::Server::builder()
+        // Detect dead sidecars whose TCP connection vanished silently.
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)));
+    if let Some(tls) = tls {
+        let cfg = ServerTlsConfig::new()
+            .identity(Identity::from_pem(tls.cert_pem, tls.key_pem))
+            .client_ca_root(Certificate::from_pem(tls.client_ca_pem));
+        builder = builder.tls_config(cfg).map_err(XdsError::Tls)?;
+    }
+    let svc = AggregatedDiscoveryServiceServer::new(AdsService { ctx })
+        .max_decoding_message_size(16 * 1024 * 1024);
+    builder
+        .add_service(svc)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
+        .await
+        .map_err(|source| XdsError::Serve { addr, source })
+}
+
+struct AdsService {
+    ctx: Arc<XdsContext>,
+}
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// What the TLS handshake proved about the peer.
+#[derive(Clone, Debug)]
+struct Proven {
+    pod: ObjectKey,
+    id: SpiffeId,
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for AdsService {
+    type StreamAggregatedResourcesStream = ResponseStream<DiscoveryResponse>;
+    type DeltaAggregatedResourcesStream = ResponseStream<DeltaDiscoveryResponse>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let peer = request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "unknown".into());
+        let proven = if self.ctx.insecure {
+            None
+        } else {
+            Some(self.authenticate(&request, &peer)?)
+        };
+        let (tx, rx) = mpsc::channel(16);
+        let ctx = self.ctx.clone();
+        let inbound = request.into_inner();
+        // One task per stream; it ends with the stream or on shutdown.
+        tokio::spawn(async move {
+            if let Err(status) = run_stream(&ctx, proven, peer.clone(), inbound, &tx).await {
+                tracing::warn!(peer = %peer, "xDS stream refused: {}", status.message());
+                let _ = tx.send(Err(status)).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        Err(Status::unimplemented(
+            "delta xDS is not served yet; configure the sidecar with api_type GRPC (SotW)",
+        ))
+    }
+}
+
+impl AdsService {
+    fn authenticate<T>(&self, request: &Request<T>, peer: &str) -> Result<Proven, Status> {
+        let refuse = |reason: &'static str, msg: String| {
+            self.ctx
+                .metrics
+                .xds_auth_failures
+                .get_or_create(&ReasonLabels { reason })
+                .inc();
+            tracing::warn!(peer = %peer, reason, "xDS connection refused: {msg}");
+            Status::unauthenticated(msg)
+        };
+        let certs = request.peer_certs().ok_or_else(|| {
+            refuse("no_client_cert", "a client certificate from `ward bootstrap` is required".into())
+        })?;
+        let leaf = certs
+            .first()
+            .ok_or_else(|| refuse("no_client_cert", "empty client certificate chain".into()))?;
+        let (pod, id) = xds_client_identity(leaf.as_ref(), &self.ctx.trust_domain)
+            .map_err(|e| refuse("bad_client_cert", format!("client certificate: {e}")))?;
+        Ok(Proven { pod, id })
+    }
+}
+
+/// Removes the stream's traces when it ends, however it ends.
+struct StreamGuard<'a> {
+    ctx: &'a XdsContext,
+    stream: u64,
+    pod: ObjectKey,
+}
+
+impl Drop for StreamGuard<'_> {
+    fn drop(&mut self) {
+        self.ctx.registry.remove(self.stream);
+        self.ctx.certs.release(&self.pod);
+        self.ctx.metrics.connected_proxies.dec();
+        tracing::info!(pod = %self.pod, stream = self.stream, "proxy disconnected");
+    }
+}
+
+async fn run_stream(
+    ctx: &XdsContext,
+    proven: Option<Proven>,
+    peer: String,
+    inbound: Streaming<DiscoveryRequest>,
+    tx: &mpsc::Sender<Result<DiscoveryResponse, Status>>,
+) -> Result<(), Status> {
+    let mut inbound = inbound.fuse();
+    let first = match inbound.next().await {
+        Some(Ok(req)) => req,
+        Some(Err(e)) => return Err(Status::cancelled(format!("stream error: {e}"))),
+        None => return Ok(()),
+    };
+    let node_id = first.node.as_ref().map(|n| n.id.as_str()).unwrap_or_default();
+    let pod = names::parse_node_id(node_id).ok_or_else(|| {
+        Status::invalid_argument(format!(
+            "node.id {node_id:?} is not NAMESPACE/NAME of a pod (use `ward bootstrap`)"
+        ))
+    })?;
+    let mut snapshots = ctx.snapshots.clone();
+    let (id, authenticated) = match &proven {
+        Some(p) if p.pod != pod => {
+            ctx.metrics
+                .xds_auth_failures
+                .get_or_create(&ReasonLabels { reason: "node_id_mismatch" })
+                .inc();
+            return Err(Status::permission_denied(format!(
+                "credential is for pod {} but node.id claims {pod}; no configuration or secrets are served",
+                p.pod
+            )));
+        }
+        Some(p) => (p.id.clone(), true),
+        None => {
+            let view = snapshots.borrow_and_update().clone();
+            let w = view.mesh.workloads.get(&pod).ok_or_else(|| {
+                Status::unavailable(format!("pod {pod} is not known (yet); retry later"))
+            })?;
+            (w.spiffe_id(&ctx.trust_domain), false)
+        }
+    };
+    if let Some(w) = snapshots.borrow().mesh.workloads.get(&pod)
+        && w.service_account != id.service_account
+    {
+        tracing::warn!(pod = %pod, "pod now runs as service account {:?} but its credential proves {id}; serving {id}", w.service_account);
+    }
+    let mut certs = ctx
+        .certs
+        .subscribe(&pod, &id)
+        .map_err(|e| Status::unavailable(format!("certificate for {id}: {e}")))?;
+
+    let stream = ctx.registry.next_stream_id();
+    ctx.registry.insert(ProxyStatus {
+        stream,
+        pod: pod.to_string(),
+        identity: id.uri(),
+        authenticated,
+        peer,
+        connected_at: unix_now(),
+        types: Default::default(),
+    });
+    ctx.metrics.connected_proxies.inc();
+    let _guard = StreamGuard { ctx, stream, pod: pod.clone() };
+    tracing::info!(pod = %pod, identity = %id, stream, "proxy connected");
+
+    let build = |snapshots: &mut watch::Receiver<Arc<MeshSnapshot>>,
+                 certs: &mut watch::Receiver<Arc<crate::ca::WorkloadCert>>,
+                 last: Option<&ProxyResources>|
+     -> Option<ProxyResources> {
+        let view = snapshots.borrow_and_update().clone();
+        let cert = certs.borrow_and_update().clone();
+        match proxy_snapshot(&view, &ctx.trust_domain, &pod, &cert) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                ctx.metrics.inconsistent_snapshots.inc();
+                tracing::error!(pod = %pod, "snapshot withheld, last one stays in force: {e}");
+                last.cloned()
+            }
+        }
+    };
+    let mut current = build(&mut snapshots, &mut certs, None).unwrap_or_default();
+    let mut sotw = SotwStream::new();
+
+    let mut pending = Some(first);
+    loop {
+        let req = match pending.take() {
+            Some(r) => Some(r),
+            None => tokio::select! {
+                _ = ctx.shutdown.cancelled() => return Ok(()),
+                msg = inbound.next() => match msg {
+                    Some(Ok(r)) => Some(r),
+                    Some(Err(e)) => {
+                        tracing::debug!(pod = %pod, "stream ended: {e}");
+                        return Ok(());
+                    }
+                    None => return Ok(()),
+                },
+                Ok(()) = snapshots.changed() => None,
+                Ok(()) = certs.changed() => None,
+            },
+        };
+        let responses = match req {
+            Some(req) => {
+                let (kind, resp) = sotw.on_request(&req, &current);
+                record_request(ctx, stream, &pod, &req.type_url, &kind);
+                resp.into_iter().collect()
+            }
+            None => {
+                if let Some(next) = build(&mut snapshots, &mut certs, Some(&current)) {
+                    current = next;
+                }
+                sotw.on_snapshot(&current)
+            }
+        };
+        for resp in responses {
+            let short = type_url::short(&resp.type_url);
+            ctx.metrics.pushes.get_or_create(&TypeLabels { r#type: short }).inc();
+            let version = resp.version_info.clone();
+            ctx.registry.update(stream, short, |t| {
+                t.sent_version = Some(version);
+                t.pushes += 1;
+            });
+            if tx.send(Ok(resp)).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn record_request(ctx: &XdsContext, stream: u64, pod: &ObjectKey, type_url: &str, kind: &RequestKind) {
+    let short = type_url::short(type_url);
+    match kind {
+        RequestKind::Ack { version } => {
+            ctx.metrics.acks.get_or_create(&TypeLabels { r#type: short }).inc();
+            ctx.registry.update(stream, short, |t| {
+                t.acked_version = Some(version.clone());
+                t.acks += 1;
+            });
+        }
+        RequestKind::Nack { version, message } => {
+            ctx.metrics.nacks.get_or_create(&TypeLabels { r#type: short }).inc();
+            tracing::warn!(pod = %pod, r#type = short, version, "Envoy rejected config: {message}");
+            ctx.registry.update(stream, short, |t| {
+                t.nacks += 1;
+                t.last_nack = Some(NackStatus {
+                    version: version.clone(),
+                    message: message.clone(),
+                    at: unix_now(),
+                });
+            });
+        }
+        RequestKind::Unknown => {
+            tracing::debug!(pod = %pod, type_url, "request for a type Ward does not serve");
+        }
+        RequestKind::Initial | RequestKind::Stale => {}
+    }
+}
+
+/// Bind helper so callers (and tests) can learn the chosen port.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
