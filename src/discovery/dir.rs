@@ -418,6 +418,24 @@ fn parse_file(path: &Path, bytes: &[u8]) -> (Vec<(ObjectKey, KubeObject)>, Vec<C
         Err(e) => parsed
             .errors
             .push(ConfigError::new("file", "", format!("is not UTF-8: {e}"))),
+        // JSON is parsed as JSON: YAML accepts most of it but not, for
+        // example, tab indentation, and JSON errors then point at JSON.
+        Ok(text) if path.extension().is_some_and(|e| e == "json") => {
+            let docs = serde_json::Deserializer::from_str(text).into_iter::<Value>();
+            for (i, doc) in docs.enumerate() {
+                let label = format!("document {}", i + 1);
+                match doc {
+                    Err(e) => {
+                        parsed
+                            .errors
+                            .push(ConfigError::new(label, "", e.to_string()));
+                        break;
+                    }
+                    Ok(Value::Null) => {}
+                    Ok(value) => parsed.document(value, &label),
+                }
+            }
+        }
         Ok(text) => {
             for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
                 let label = format!("document {}", i + 1);
@@ -624,13 +642,14 @@ mod tests {
         write(
             d,
             "list.json",
-            r#"{"apiVersion": "v1", "kind": "List", "items": [
+            &("{\"apiVersion\": \"v1\",\n\t\"kind\": \"List\",\n\t\"items\": [".to_string()
+                + r#"
                  {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "client-0", "namespace": "demo", "labels": {"app": "client"}},
                   "status": {"podIP": "10.0.0.2"}},
                  {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "mesh", "labels": {"ward.io/policy": "mesh"}}, "data": {"a": "b"}},
                  {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "unrelated"}, "data": {"a": 1}},
                  {"apiVersion": "serving.knative.dev/v1", "kind": "Service", "metadata": {"name": "kn"}}
-               ]}"#,
+               ]}"#),
         );
         write(d, "README.md", "not yaml: [");
         write(d, ".#pods.yaml", "not yaml: [");
@@ -749,6 +768,17 @@ mod tests {
         assert_eq!(errors.len(), 1);
         assert_eq!(errors[0].object, "document 1");
         assert!(errors[0].message.contains("line"), "{}", errors[0].message);
+
+        fs::remove_file(d.join("f.yaml")).unwrap();
+        write(d, "f.json", "{\"apiVersion\": \"v1\",\n\t\"kind\": }");
+        let (_, _, errors) = DirSource::load_once(d).unwrap();
+        assert_eq!(
+            strings(&errors),
+            vec![format!(
+                "{}: document 1: expected value at line 2 column 10",
+                d.join("f.json").display()
+            )]
+        );
     }
 
     #[test]
