@@ -36,4 +36,6 @@ pub mod xds;
 pub mod app;
 pub mod bootstrap;
 pub mod demo;
+pub mod local;
+pub mod probe;
 pub mod sample_app;

@@ -988,24 +988,20 @@ mod tests {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/local-mesh");
         let (mesh, objects, errors) = DirSource::load_once(&dir).unwrap();
         assert!(errors.is_empty(), "{errors:?}");
-        assert_eq!(objects.counts().pods, 3);
+        assert_eq!(objects.counts().pods, 2);
 
         let server = &mesh.services[&key("demo/server")];
         assert_eq!(server.ports.len(), 1);
         assert_eq!(server.ports[0].name, "http");
-        assert_eq!(server.ports[0].port, 80);
-        assert_eq!(server.ports[0].target_port, TargetPort::Number(8080));
+        assert_eq!(server.ports[0].port, 9080);
+        assert_eq!(server.ports[0].target_port, TargetPort::Name("http".into()));
         assert_eq!(server.ports[0].protocol, Protocol::Http);
-        let echo = &mesh.services[&key("demo/echo-tcp")];
-        assert_eq!(echo.ports[0].port, 9000);
-        assert_eq!(echo.ports[0].protocol, Protocol::Tcp);
-        assert_eq!(mesh.services.len(), 3);
+        assert_eq!(mesh.services.len(), 2);
 
         let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
         for (pod, sa, pod_ip, app_ip) in [
             ("demo/server-0", "server", "127.0.0.20", "127.0.1.20"),
             ("demo/client-0", "client", "127.0.0.10", "127.0.1.10"),
-            ("demo/echo-tcp-0", "echo-tcp", "127.0.0.30", "127.0.1.30"),
         ] {
             let w = &mesh.workloads[&key(pod)];
             assert_eq!(w.service_account, sa);
@@ -1022,16 +1018,12 @@ mod tests {
                 .collect()
         };
         assert_eq!(
-            endpoints("demo/server", 80),
+            endpoints("demo/server", 9080),
             [("127.0.0.20".into(), 8080, Some("server".into()))]
         );
         assert_eq!(
-            endpoints("demo/client", 80),
+            endpoints("demo/client", 9081),
             [("127.0.0.10".into(), 8080, Some("client".into()))]
-        );
-        assert_eq!(
-            endpoints("demo/echo-tcp", 9000),
-            [("127.0.0.30".into(), 9000, Some("echo-tcp".into()))]
         );
     }
 }

@@ -14,7 +14,9 @@ use std::net::IpAddr;
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 
 /// `namespace/name` of a namespaced object (a Service or a Pod).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+/// Serialized as the string `namespace/name`, so maps keyed by it render as
+/// JSON objects in the admin API.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjectKey {
     pub namespace: String,
     pub name: String,
@@ -32,6 +34,19 @@ impl ObjectKey {
 impl fmt::Display for ObjectKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+impl serde::Serialize for ObjectKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ObjectKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -328,6 +343,17 @@ mod tests {
         assert_eq!(Protocol::detect(None, Some("redis")), Protocol::Tcp);
         assert_eq!(Protocol::detect(None, Some("httpx")), Protocol::Tcp);
         assert_eq!(Protocol::detect(None, None), Protocol::Tcp);
+    }
+
+    #[test]
+    fn mesh_serializes_to_json_with_string_keys() {
+        let mut mesh = Mesh::default();
+        let w = workload("demo", "s-1", "server", &[("app", "server")]);
+        mesh.workloads.insert(w.key.clone(), w);
+        let json = serde_json::to_value(&mesh).unwrap();
+        assert_eq!(json["workloads"]["demo/s-1"]["service_account"], "server");
+        let key: ObjectKey = serde_json::from_str("\"demo/s-1\"").unwrap();
+        assert_eq!(key, ObjectKey::new("demo", "s-1"));
     }
 
     #[test]
