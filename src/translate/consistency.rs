@@ -24,14 +24,49 @@ use prost::{Message, Name};
 
 use super::{ProxyResources, Resource, TranslateError, type_url};
 
+/// The kind of resource a reference points at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RefKind {
+    /// A ClusterLoadAssignment named by an EDS cluster's `service_name`.
+    Endpoints,
+    /// A RouteConfiguration named by an HTTP connection manager's RDS.
+    Route,
+    /// A cluster named by a route or a tcp_proxy.
+    Cluster,
+    /// An SDS secret named by a TLS context.
+    Secret,
+}
+
+impl RefKind {
+    fn type_url(self) -> Option<&'static str> {
+        match self {
+            RefKind::Endpoints => Some(type_url::ENDPOINT),
+            RefKind::Route => Some(type_url::ROUTE),
+            RefKind::Cluster => Some(type_url::CLUSTER),
+            // Secrets are checked against the caller's list of names.
+            RefKind::Secret => None,
+        }
+    }
+}
+
+impl fmt::Display for RefKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RefKind::Endpoints => "ClusterLoadAssignment",
+            RefKind::Route => "RouteConfiguration",
+            RefKind::Cluster => "Cluster",
+            RefKind::Secret => "Secret",
+        })
+    }
+}
+
 /// A reference from one resource to a name that is not there.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct DanglingRef {
     /// The referring resource, e.g. `cluster outbound|demo|server|80`.
     pub from: String,
-    /// What kind of name is missing: `ClusterLoadAssignment`,
-    /// `RouteConfiguration`, `Cluster` or `Secret`.
-    pub kind: &'static str,
+    /// What kind of resource is missing.
+    pub kind: RefKind,
     /// The missing name.
     pub name: String,
 }
@@ -67,17 +102,10 @@ struct Refs<'a> {
 }
 
 impl Refs<'_> {
-    fn need(&mut self, from: &str, kind: &'static str, name: &str) {
-        let present = match kind {
-            "Secret" => self.secrets.contains(name),
-            _ => {
-                let url = match kind {
-                    "ClusterLoadAssignment" => type_url::ENDPOINT,
-                    "RouteConfiguration" => type_url::ROUTE,
-                    _ => type_url::CLUSTER,
-                };
-                self.res.get(url).is_some_and(|m| m.contains_key(name))
-            }
+    fn need(&mut self, from: &str, kind: RefKind, name: &str) {
+        let present = match kind.type_url() {
+            None => self.secrets.contains(name),
+            Some(url) => self.res.get(url).is_some_and(|m| m.contains_key(name)),
         };
         if !present {
             self.dangling.push(DanglingRef {
@@ -90,14 +118,16 @@ impl Refs<'_> {
 
     fn common_tls(&mut self, from: &str, ctx: &CommonTlsContext) {
         for sds in &ctx.tls_certificate_sds_secret_configs {
-            self.need(from, "Secret", &sds.name);
+            self.need(from, RefKind::Secret, &sds.name);
         }
         use common_tls_context::ValidationContextType as V;
         match &ctx.validation_context_type {
-            Some(V::ValidationContextSdsSecretConfig(sds)) => self.need(from, "Secret", &sds.name),
+            Some(V::ValidationContextSdsSecretConfig(sds)) => {
+                self.need(from, RefKind::Secret, &sds.name)
+            }
             Some(V::CombinedValidationContext(c)) => {
                 if let Some(sds) = &c.validation_context_sds_secret_config {
-                    self.need(from, "Secret", &sds.name);
+                    self.need(from, RefKind::Secret, &sds.name);
                 }
             }
             _ => {}
@@ -138,7 +168,7 @@ impl Refs<'_> {
                 .filter(|s| !s.is_empty())
                 // Envoy's rule: no service_name means the cluster name.
                 .unwrap_or(&c.name);
-            self.need(&from, "ClusterLoadAssignment", service_name);
+            self.need(&from, RefKind::Endpoints, service_name);
         }
         if let Some(ts) = &c.transport_socket {
             self.transport_socket(&from, ts, true)?;
@@ -162,12 +192,12 @@ impl Refs<'_> {
                     if let Some(http_connection_manager::RouteSpecifier::Rds(rds)) =
                         &hcm.route_specifier
                     {
-                        self.need(&from, "RouteConfiguration", &rds.route_config_name);
+                        self.need(&from, RefKind::Route, &rds.route_config_name);
                     }
                 } else if any.type_url == TcpProxy::type_url() {
                     let tcp: TcpProxy = decode(any, &from)?;
                     if let Some(tcp_proxy::ClusterSpecifier::Cluster(c)) = &tcp.cluster_specifier {
-                        self.need(&from, "Cluster", c);
+                        self.need(&from, RefKind::Cluster, c);
                     }
                 }
             }
@@ -184,7 +214,7 @@ impl Refs<'_> {
                     && let Some(route_action::ClusterSpecifier::Cluster(c)) =
                         &action.cluster_specifier
                 {
-                    self.need(&from, "Cluster", c);
+                    self.need(&from, RefKind::Cluster, c);
                 }
             }
         }

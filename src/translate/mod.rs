@@ -104,7 +104,7 @@ pub mod tls;
 #[cfg(test)]
 mod tests;
 
-pub use consistency::{DanglingRef, check_consistency};
+pub use consistency::{DanglingRef, RefKind, check_consistency};
 pub use proxy::{
     MeshResources, ProxyTranslation, mesh_resources, proxy_resources, proxy_resources_with,
 };
@@ -113,12 +113,17 @@ pub use secret::secrets;
 /// Why a proxy's resources could not be produced or do not hang together.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TranslateError {
+    /// The proxy's pod is not (or no longer) in the mesh.
     #[error("proxy {0}: no such pod in the mesh")]
     UnknownProxy(crate::model::ObjectKey),
+    /// `MeshResources` reused with another trust domain than they were
+    /// built for: their SAN matchers would be wrong.
     #[error("mesh resources were built for trust domain {built:?}, not {requested:?}")]
     TrustDomainMismatch { built: String, requested: String },
+    /// References that do not resolve (all of them, sorted).
     #[error("{} dangling reference(s): {}", .0.len(), join(.0))]
     Dangling(Vec<DanglingRef>),
+    /// A resource in a checked snapshot is not the type its map says.
     #[error("{resource}: cannot decode: {message}")]
     Decode { resource: String, message: String },
 }

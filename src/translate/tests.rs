@@ -454,6 +454,43 @@ fn golden_client() {
     insta::assert_json_snapshot!("client", render(&t.resources));
 }
 
+/// TCP inbound (tcp_proxy, mesh ALPN only) and a skipped outbound listener.
+#[test]
+fn golden_db() {
+    let t = translate(&test_mesh(), "db-0");
+    insta::assert_json_snapshot!(
+        "db",
+        serde_json::json!({ "warnings": t.warnings, "resources": render(&t.resources) })
+    );
+}
+
+#[test]
+fn unresolvable_target_port_is_a_warning() {
+    let mut mesh = test_mesh();
+    let mut s = service(
+        "server-admin",
+        81,
+        "http-admin",
+        TargetPort::Name("admin".into()),
+        false,
+    );
+    s.selector = [("app".to_string(), "server".to_string())].into();
+    mesh.services.insert(s.key.clone(), s);
+    let t = translate(&mesh, "server-0");
+    assert_eq!(t.warnings.len(), 1, "{:?}", t.warnings);
+    assert!(
+        t.warnings[0].contains("demo/server-admin port 81"),
+        "{}",
+        t.warnings[0]
+    );
+    let listeners = t.resources.get(type_url::LISTENER).unwrap();
+    let inbound: Vec<&String> = listeners
+        .keys()
+        .filter(|k| k.starts_with("inbound"))
+        .collect();
+    assert_eq!(inbound, vec!["inbound|8080"]);
+}
+
 #[test]
 fn golden_secrets() {
     let [cert, bundle] = secrets(
@@ -643,22 +680,18 @@ fn consistency_names_the_dangling_references() {
     let TranslateError::Dangling(refs) = &err else {
         panic!("unexpected error {err}");
     };
-    let found: Vec<(&str, &str, &str)> = refs
+    let found: Vec<(&str, RefKind, &str)> = refs
         .iter()
         .map(|r| (r.from.as_str(), r.kind, r.name.as_str()))
         .collect();
     assert!(found.contains(&(
         "cluster outbound|demo|db|5432",
-        "ClusterLoadAssignment",
+        RefKind::Endpoints,
         "outbound|demo|db|5432"
     )));
-    assert!(found.contains(&(
-        "listener inbound|8080",
-        "RouteConfiguration",
-        "inbound|8080"
-    )));
-    assert!(found.contains(&("listener inbound|8080", "Secret", "ROOTCA")));
-    assert!(found.contains(&("cluster outbound|demo|server|80", "Secret", "ROOTCA")));
+    assert!(found.contains(&("listener inbound|8080", RefKind::Route, "inbound|8080")));
+    assert!(found.contains(&("listener inbound|8080", RefKind::Secret, "ROOTCA")));
+    assert!(found.contains(&("cluster outbound|demo|server|80", RefKind::Secret, "ROOTCA")));
     assert!(!found.iter().any(|f| f.2 == names::WORKLOAD_CERT));
     let msg = err.to_string();
     assert!(
