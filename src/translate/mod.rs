@@ -91,3 +91,46 @@ impl ProxyResources {
         self.by_type.get(type_url)
     }
 }
+
+pub mod cluster;
+pub mod consistency;
+pub mod endpoint;
+pub mod listener;
+pub mod proxy;
+pub mod route;
+pub mod secret;
+pub mod tls;
+
+#[cfg(test)]
+mod tests;
+
+pub use consistency::{DanglingRef, RefKind, check_consistency};
+pub use proxy::{
+    MeshResources, ProxyTranslation, mesh_resources, proxy_resources, proxy_resources_with,
+};
+pub use secret::secrets;
+
+/// Why a proxy's resources could not be produced or do not hang together.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TranslateError {
+    /// The proxy's pod is not (or no longer) in the mesh.
+    #[error("proxy {0}: no such pod in the mesh")]
+    UnknownProxy(crate::model::ObjectKey),
+    /// `MeshResources` reused with another trust domain than they were
+    /// built for: their SAN matchers would be wrong.
+    #[error("mesh resources were built for trust domain {built:?}, not {requested:?}")]
+    TrustDomainMismatch { built: String, requested: String },
+    /// References that do not resolve (all of them, sorted).
+    #[error("{} dangling reference(s): {}", .0.len(), join(.0))]
+    Dangling(Vec<DanglingRef>),
+    /// A resource in a checked snapshot is not the type its map says.
+    #[error("{resource}: cannot decode: {message}")]
+    Decode { resource: String, message: String },
+}
+
+fn join(refs: &[DanglingRef]) -> String {
+    refs.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}

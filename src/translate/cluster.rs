@@ -1,0 +1,102 @@
+//! Clusters: the outbound EDS cluster toward each service port (shared by
+//! every proxy) and the static inbound cluster toward the local app.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
+use envoy_types::pb::envoy::config::core::v3::{Http1ProtocolOptions, Http2ProtocolOptions};
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
+    HttpProtocolOptions, http_protocol_options,
+};
+use envoy_types::pb::google::protobuf::{Any, Duration};
+
+use super::{endpoint, names, tls};
+use crate::model::{Mesh, Protocol, Service, ServicePort};
+
+/// How long a sidecar waits for a TCP (and TLS) connection to an upstream.
+const CONNECT_TIMEOUT: Duration = Duration {
+    seconds: 5,
+    nanos: 0,
+};
+
+/// Key of `Cluster.typed_extension_protocol_options` for upstream HTTP
+/// settings.
+const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+
+/// HTTP ports forward with the protocol the caller used: without this Envoy
+/// would downgrade an h2c/gRPC caller to HTTP/1.1 upstream. The map has a
+/// single entry, so its encoding is deterministic despite being a HashMap.
+fn http_protocol_options(protocol: Protocol) -> HashMap<String, Any> {
+    match protocol {
+        Protocol::Tcp => HashMap::new(),
+        Protocol::Http => {
+            let opts = HttpProtocolOptions {
+                upstream_protocol_options: Some(
+                    http_protocol_options::UpstreamProtocolOptions::UseDownstreamProtocolConfig(
+                        http_protocol_options::UseDownstreamHttpConfig {
+                            http_protocol_options: Some(Http1ProtocolOptions::default()),
+                            http2_protocol_options: Some(Http2ProtocolOptions::default()),
+                            http3_protocol_options: None,
+                        },
+                    ),
+                ),
+                ..Default::default()
+            };
+            HashMap::from([(
+                HTTP_PROTOCOL_OPTIONS.to_string(),
+                envoy_types::util::pack_any(opts),
+            )])
+        }
+    }
+}
+
+/// SPIFFE ids a client accepts from the servers of `service`, sorted (the
+/// model returns a `BTreeSet`).
+pub fn server_identities(mesh: &Mesh, trust_domain: &str, service: &Service) -> Vec<String> {
+    mesh.service_accounts(&service.key)
+        .into_iter()
+        .map(|sa| crate::model::SpiffeId::new(trust_domain, &service.key.namespace, sa).uri())
+        .collect()
+}
+
+/// Outbound cluster toward `service:port`, endpoints from EDS. mTLS with the
+/// server's SPIFFE ids when the service has sidecars; plaintext otherwise
+/// (a destination outside the mesh cannot terminate mesh mTLS).
+pub fn outbound(mesh: &Mesh, trust_domain: &str, service: &Service, port: &ServicePort) -> Cluster {
+    let name = names::outbound_cluster(&service.key, port.port);
+    let transport_socket = mesh.has_sidecars(&service.key).then(|| {
+        let ids = server_identities(mesh, trust_domain, service);
+        tls::transport_socket(tls::upstream_mtls(service.hostname(), &ids))
+    });
+    Cluster {
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::Eds as i32,
+        )),
+        eds_cluster_config: Some(cluster::EdsClusterConfig {
+            eds_config: Some(tls::ads_config_source()),
+            service_name: name.clone(),
+        }),
+        connect_timeout: Some(CONNECT_TIMEOUT),
+        transport_socket,
+        typed_extension_protocol_options: http_protocol_options(port.protocol),
+        name,
+        ..Default::default()
+    }
+}
+
+/// Inbound cluster: plaintext to the app at `app_ip:target_port`, inside the
+/// pod's network namespace.
+pub fn inbound(app_ip: IpAddr, target_port: u16, protocol: Protocol) -> Cluster {
+    let name = names::inbound_cluster(target_port);
+    Cluster {
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::Static as i32,
+        )),
+        load_assignment: Some(endpoint::static_assignment(&name, app_ip, target_port)),
+        connect_timeout: Some(CONNECT_TIMEOUT),
+        typed_extension_protocol_options: http_protocol_options(protocol),
+        name,
+        ..Default::default()
+    }
+}

@@ -1,0 +1,218 @@
+//! Entry points: the resources of one sidecar, built from resources shared
+//! by the whole mesh plus the few that depend on the proxy.
+//!
+//! Outbound clusters, their endpoints and outbound routes are identical for
+//! every proxy, so [`mesh_resources`] builds (and encodes) them once per mesh
+//! and every proxy holds the same `Arc`s. Only listeners and the inbound
+//! cluster/route of a proxy are built per proxy.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use super::{
+    ProxyResources, Resource, ResourceMap, TranslateError, cluster, endpoint, listener, names,
+    route, type_url,
+};
+use crate::model::{Mesh, ObjectKey, Protocol, Workload};
+
+/// The per-mesh part of every proxy's configuration, encoded once.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MeshResources {
+    /// The trust domain the SAN matchers were built for; a proxy translated
+    /// for another trust domain must not reuse them.
+    trust_domain: String,
+    /// Outbound clusters, one per service port.
+    pub clusters: ResourceMap,
+    /// ClusterLoadAssignments of the outbound clusters (same names).
+    pub endpoints: ResourceMap,
+    /// Route configurations of the HTTP outbound service ports.
+    pub routes: ResourceMap,
+}
+
+impl MeshResources {
+    /// Trust domain these resources were built for.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+}
+
+/// Resources of one proxy plus what the translation had to leave out.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ProxyTranslation {
+    /// What the proxy is served (SDS secrets excepted, see [`super::secrets`]).
+    pub resources: ProxyResources,
+    /// Human-readable reasons for skipped listeners (address collisions,
+    /// unresolvable target ports), for logs and the admin API.
+    pub warnings: Vec<String>,
+}
+
+fn insert(map: &mut ResourceMap, res: Resource) {
+    map.insert(res.name.clone(), Arc::new(res));
+}
+
+/// Build the resources shared by every proxy of `mesh`.
+pub fn mesh_resources(mesh: &Mesh, trust_domain: &str) -> MeshResources {
+    let mut out = MeshResources {
+        trust_domain: trust_domain.to_string(),
+        ..Default::default()
+    };
+    for svc in mesh.services.values() {
+        for port in &svc.ports {
+            let name = names::outbound_cluster(&svc.key, port.port);
+            insert(
+                &mut out.clusters,
+                Resource::new(&name, cluster::outbound(mesh, trust_domain, svc, port)),
+            );
+            let eps = mesh.endpoints(&svc.key, port.port);
+            insert(
+                &mut out.endpoints,
+                Resource::new(&name, endpoint::assignment(&name, eps)),
+            );
+            if port.protocol == Protocol::Http {
+                let route_name = names::outbound_route(&svc.key, port.port);
+                insert(
+                    &mut out.routes,
+                    Resource::new(
+                        &route_name,
+                        route::catch_all(&route_name, &route_name, &name),
+                    ),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// Target ports the sidecar of `w` accepts mesh traffic on, with their
+/// protocol (HTTP if any service port targeting it is HTTP).
+fn inbound_ports(mesh: &Mesh, w: &Workload, warnings: &mut Vec<String>) -> BTreeMap<u16, Protocol> {
+    let mut ports = BTreeMap::new();
+    for svc in mesh.services_selecting(w) {
+        for port in &svc.ports {
+            match w.resolve_target_port(&port.target_port) {
+                Some(t) => {
+                    let p = ports.entry(t).or_insert(port.protocol);
+                    if port.protocol == Protocol::Http {
+                        *p = Protocol::Http;
+                    }
+                }
+                None => warnings.push(format!(
+                    "service {} port {}: targetPort {:?} is not a container port of pod {}; \
+                     no inbound listener for it",
+                    svc.key, port.port, port.target_port, w.key
+                )),
+            }
+        }
+    }
+    ports
+}
+
+/// Two listeners cannot bind the same port when their IPs are equal or one
+/// of them is the wildcard address.
+fn overlaps(a: (IpAddr, u16), b: (IpAddr, u16)) -> bool {
+    a.1 == b.1 && (a.0 == b.0 || a.0.is_unspecified() || b.0.is_unspecified())
+}
+
+/// Resources of the sidecar of pod `proxy`, reusing the shared part.
+///
+/// `shared` must come from [`mesh_resources`] on the same `mesh`; a
+/// different trust domain is refused.
+pub fn proxy_resources_with(
+    mesh: &Mesh,
+    shared: &MeshResources,
+    trust_domain: &str,
+    proxy: &ObjectKey,
+) -> Result<ProxyTranslation, TranslateError> {
+    let w = mesh
+        .workloads
+        .get(proxy)
+        .ok_or_else(|| TranslateError::UnknownProxy(proxy.clone()))?;
+    if shared.trust_domain != trust_domain {
+        return Err(TranslateError::TrustDomainMismatch {
+            built: shared.trust_domain.clone(),
+            requested: trust_domain.to_string(),
+        });
+    }
+    let mut warnings = Vec::new();
+    let mut clusters = shared.clusters.clone();
+    let endpoints = shared.endpoints.clone();
+    let mut routes = shared.routes.clone();
+    let mut listeners = ResourceMap::new();
+    // Bound addresses so far, with the listener holding each.
+    let mut bound: Vec<((IpAddr, u16), String)> = Vec::new();
+
+    for (target, protocol) in inbound_ports(mesh, w, &mut warnings) {
+        let name = names::inbound_listener(target);
+        insert(
+            &mut listeners,
+            Resource::new(
+                &name,
+                listener::inbound(w.ip, trust_domain, target, protocol),
+            ),
+        );
+        bound.push(((w.ip, target), name));
+        let cluster_name = names::inbound_cluster(target);
+        insert(
+            &mut clusters,
+            Resource::new(&cluster_name, cluster::inbound(w.app_ip, target, protocol)),
+        );
+        if protocol == Protocol::Http {
+            let route_name = names::inbound_route(target);
+            insert(
+                &mut routes,
+                Resource::new(
+                    &route_name,
+                    route::catch_all(&route_name, &format!("inbound|{target}"), &cluster_name),
+                ),
+            );
+        }
+    }
+
+    for svc in mesh.services.values() {
+        for port in &svc.ports {
+            let name = names::outbound_listener(&svc.key, port.port);
+            let addr = (w.outbound_ip, port.port);
+            if let Some((held, holder)) = bound.iter().find(|(a, _)| overlaps(*a, addr)) {
+                warnings.push(format!(
+                    "pod {}: outbound listener {name} skipped: {}:{} collides with listener \
+                     {holder} on {}:{}",
+                    w.key, addr.0, addr.1, held.0, held.1
+                ));
+                continue;
+            }
+            insert(
+                &mut listeners,
+                Resource::new(
+                    &name,
+                    listener::outbound(addr.0, &svc.key, port.port, port.protocol),
+                ),
+            );
+            bound.push((addr, name));
+        }
+    }
+
+    let mut resources = ProxyResources::default();
+    resources.by_type.insert(type_url::CLUSTER, clusters);
+    resources.by_type.insert(type_url::ENDPOINT, endpoints);
+    resources.by_type.insert(type_url::LISTENER, listeners);
+    resources.by_type.insert(type_url::ROUTE, routes);
+    Ok(ProxyTranslation {
+        resources,
+        warnings,
+    })
+}
+
+/// Resources of the sidecar of pod `proxy` (convenience: builds the shared
+/// part too and drops the warnings).
+pub fn proxy_resources(
+    mesh: &Mesh,
+    trust_domain: &str,
+    proxy: &ObjectKey,
+) -> Result<ProxyResources, TranslateError> {
+    if !mesh.workloads.contains_key(proxy) {
+        return Err(TranslateError::UnknownProxy(proxy.clone()));
+    }
+    let shared = mesh_resources(mesh, trust_domain);
+    proxy_resources_with(mesh, &shared, trust_domain, proxy).map(|t| t.resources)
+}
