@@ -45,7 +45,8 @@ pub mod type_url {
 }
 
 /// One encoded resource, shared (`Arc`) by every proxy that receives it.
-#[derive(Clone, Debug, PartialEq)]
+/// `Debug` omits the encoded bytes: a secret's bytes hold a private key.
+#[derive(Clone, PartialEq)]
 pub struct Resource {
     pub name: String,
     /// The packed resource; `type_url` is one of [`type_url`].
@@ -53,6 +54,17 @@ pub struct Resource {
     /// Content hash (hex), used as the per-resource version in delta xDS and
     /// to derive SotW versions.
     pub version: String,
+}
+
+impl std::fmt::Debug for Resource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resource")
+            .field("name", &self.name)
+            .field("type_url", &self.any.type_url)
+            .field("version", &self.version)
+            .field("bytes", &self.any.value.len())
+            .finish()
+    }
 }
 
 impl Resource {
