@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
@@ -154,17 +154,17 @@ impl Authority {
                     return Err(CaError::file(&cert_path, "not a self-signed root"));
                 }
                 let expected = format!("spiffe://{trust_domain}");
-                if let Some(uri) = root.uri_sans.iter().find(|u| u.starts_with("spiffe://")) {
-                    if *uri != expected {
-                        return Err(CaError::file(
-                            &cert_path,
-                            format!(
-                                "root was generated for {uri} but Ward runs with trust domain \
-                                 {trust_domain:?}; move {} away to generate a new root",
-                                cert_path.parent().unwrap_or(state_dir).display()
-                            ),
-                        ));
-                    }
+                if let Some(uri) = root.uri_sans.iter().find(|u| u.starts_with("spiffe://"))
+                    && *uri != expected
+                {
+                    return Err(CaError::file(
+                        &cert_path,
+                        format!(
+                            "root was generated for {uri} but Ward runs with trust domain \
+                             {trust_domain:?}; move {} away to generate a new root",
+                            cert_path.parent().unwrap_or(state_dir).display()
+                        ),
+                    ));
                 }
                 Ok(auth)
             }
@@ -256,7 +256,8 @@ impl Authority {
             pem_to_der_certs(cert_text).map_err(|e| CaError::file(cert_path, e.to_string()))?;
         // Every certificate from the signer up, with the file it came from.
         // Extra certificates in the cert file start the chain.
-        let mut certs: Vec<(Vec<u8>, &Path)> = cert_ders.into_iter().map(|d| (d, cert_path)).collect();
+        let mut certs: Vec<(Vec<u8>, &Path)> =
+            cert_ders.into_iter().map(|d| (d, cert_path)).collect();
         if let Some((chain_path, chain_text)) = chain {
             let ders = pem_to_der_certs(chain_text)
                 .map_err(|e| CaError::file(chain_path, e.to_string()))?;
@@ -465,10 +466,9 @@ impl Authority {
     ) -> Result<IssuedCert, CaError> {
         let mut sans = Vec::with_capacity(dns_names.len() + ips.len() + 1);
         for name in dns_names {
-            let ia5 = name
-                .clone()
-                .try_into()
-                .map_err(|e| CaError::sign(format!("xDS server certificate DNS name {name:?}"), e))?;
+            let ia5 = name.clone().try_into().map_err(|e| {
+                CaError::sign(format!("xDS server certificate DNS name {name:?}"), e)
+            })?;
             sans.push(SanType::DnsName(ia5));
         }
         sans.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
@@ -546,9 +546,9 @@ fn generate_root(trust_domain: &str) -> Result<(String, SecretPem), CaError> {
 fn validate_trust_domain(td: &str) -> Result<(), CaError> {
     let ok = !td.is_empty()
         && td.len() <= 255
-        && td
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'));
+        && td.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
+        });
     if ok {
         Ok(())
     } else {
@@ -605,7 +605,7 @@ fn parse_key(path: &Path, text: &str) -> Result<KeyPair, CaError> {
 
 fn parse_cert(der: &[u8]) -> Result<X509Certificate<'_>, String> {
     match X509Certificate::from_der(der) {
-        Ok((rest, cert)) if rest.is_empty() => Ok(cert),
+        Ok(([], cert)) => Ok(cert),
         Ok(_) => Err("trailing bytes after the certificate".to_string()),
         Err(e) => Err(format!("cannot parse the certificate: {e}")),
     }
@@ -625,10 +625,10 @@ fn check_ca(cert: &X509Certificate<'_>, now: SystemTime) -> Result<(), String> {
     let ku = cert
         .key_usage()
         .map_err(|e| format!("{subject:?}: invalid keyUsage: {e}"))?;
-    if let Some(ku) = ku {
-        if !ku.value.key_cert_sign() {
-            return Err(format!("{subject:?}: keyUsage does not allow keyCertSign"));
-        }
+    if let Some(ku) = ku
+        && !ku.value.key_cert_sign()
+    {
+        return Err(format!("{subject:?}: keyUsage does not allow keyCertSign"));
     }
     let nb = asn1_to_system(cert.validity().not_before.timestamp());
     let na = asn1_to_system(cert.validity().not_after.timestamp());
@@ -698,7 +698,13 @@ pub fn parse_spiffe_id(uri: &str) -> Option<SpiffeId> {
     let rest = uri.strip_prefix("spiffe://")?;
     let (td, path) = rest.split_once('/')?;
     let mut parts = path.split('/');
-    match (parts.next(), parts.next(), parts.next(), parts.next(), parts.next()) {
+    match (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) {
         (Some("ns"), Some(ns), Some("sa"), Some(sa), None)
             if !td.is_empty() && !ns.is_empty() && !sa.is_empty() =>
         {
@@ -749,8 +755,9 @@ pub fn xds_client_identity(
             info.uri_sans.len()
         )));
     };
-    let id = parse_spiffe_id(uri)
-        .ok_or_else(|| CaError::XdsClient(format!("URI SAN {uri:?} is not a SPIFFE workload ID")))?;
+    let id = parse_spiffe_id(uri).ok_or_else(|| {
+        CaError::XdsClient(format!("URI SAN {uri:?} is not a SPIFFE workload ID"))
+    })?;
     if id.trust_domain != trust_domain {
         return Err(CaError::XdsClient(format!(
             "URI SAN {uri:?} is not in trust domain {trust_domain:?}"
@@ -798,7 +805,11 @@ fn base64_encode(data: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for chunk in data.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
@@ -878,7 +889,9 @@ mod tests {
         assert_eq!(root.uri_sans, vec!["spiffe://cluster.local".to_string()]);
         assert_eq!(root.subject, "O=Ward, CN=Ward root CA cluster.local");
         let life = root.not_after.duration_since(root.not_before).unwrap();
-        assert!(life >= ROOT_VALIDITY && life <= ROOT_VALIDITY + CLOCK_SKEW + Duration::from_secs(2));
+        assert!(
+            life >= ROOT_VALIDITY && life <= ROOT_VALIDITY + CLOCK_SKEW + Duration::from_secs(2)
+        );
         let der = pem_to_der_certs(&a.trust_bundle_pem()).unwrap();
         let x = parse(&der[0]);
         let ku = x.key_usage().unwrap().unwrap();
@@ -894,8 +907,15 @@ mod tests {
         assert_eq!(fs::read(&key_path).unwrap(), key_bytes);
         assert_eq!(a.trust_bundle_pem().as_bytes(), &cert_bytes[..]);
         // And it still signs leaves that chain to the persisted root.
-        let leaf = b.issue_workload(&SpiffeId::new(TD, "demo", "web"), Duration::from_secs(60)).unwrap();
-        webpki_verify(&leaf.cert_pem, &a.trust_bundle_pem(), webpki::KeyUsage::server_auth()).unwrap();
+        let leaf = b
+            .issue_workload(&SpiffeId::new(TD, "demo", "web"), Duration::from_secs(60))
+            .unwrap();
+        webpki_verify(
+            &leaf.cert_pem,
+            &a.trust_bundle_pem(),
+            webpki::KeyUsage::server_auth(),
+        )
+        .unwrap();
     }
 
     #[test]
@@ -907,42 +927,79 @@ mod tests {
         let good_key = fs::read(&key_path).unwrap();
         let good_cert = fs::read(&cert_path).unwrap();
 
-        fs::write(&key_path, "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n").unwrap();
-        let err = Authority::load_or_generate(dir.path(), TD).unwrap_err().to_string();
-        assert!(err.contains("ca/root.key") && err.contains("cannot parse the private key"), "{err}");
+        fs::write(
+            &key_path,
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let err = Authority::load_or_generate(dir.path(), TD)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("ca/root.key") && err.contains("cannot parse the private key"),
+            "{err}"
+        );
 
         fs::write(&key_path, "garbage").unwrap();
-        let err = Authority::load_or_generate(dir.path(), TD).unwrap_err().to_string();
-        assert!(err.contains("ca/root.key") && err.contains("no PEM"), "{err}");
+        let err = Authority::load_or_generate(dir.path(), TD)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("ca/root.key") && err.contains("no PEM"),
+            "{err}"
+        );
 
         // A valid key of another root: mismatch, never a silent regeneration.
         let other = generate_root(TD).unwrap().1;
         fs::write(&key_path, other.expose()).unwrap();
-        let err = Authority::load_or_generate(dir.path(), TD).unwrap_err().to_string();
-        assert!(err.contains("ca/root.key") && err.contains("does not match"), "{err}");
+        let err = Authority::load_or_generate(dir.path(), TD)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("ca/root.key") && err.contains("does not match"),
+            "{err}"
+        );
         fs::write(&key_path, &good_key).unwrap();
 
-        fs::write(&cert_path, "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").unwrap();
-        let err = Authority::load_or_generate(dir.path(), TD).unwrap_err().to_string();
+        fs::write(
+            &cert_path,
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let err = Authority::load_or_generate(dir.path(), TD)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("ca/root.crt"), "{err}");
 
         // Certificate gone but key present: refuse, and do not touch the key.
         fs::remove_file(&cert_path).unwrap();
-        let err = Authority::load_or_generate(dir.path(), TD).unwrap_err().to_string();
-        assert!(err.contains("ca/root.crt") && err.contains("refusing"), "{err}");
+        let err = Authority::load_or_generate(dir.path(), TD)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("ca/root.crt") && err.contains("refusing"),
+            "{err}"
+        );
         assert_eq!(fs::read(&key_path).unwrap(), good_key);
         assert!(!cert_path.exists());
 
         // A root generated for another trust domain.
         fs::write(&cert_path, &good_cert).unwrap();
-        let err = Authority::load_or_generate(dir.path(), "example.org").unwrap_err().to_string();
-        assert!(err.contains("ca/root.crt") && err.contains("example.org"), "{err}");
+        let err = Authority::load_or_generate(dir.path(), "example.org")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("ca/root.crt") && err.contains("example.org"),
+            "{err}"
+        );
         Authority::load_or_generate(dir.path(), TD).unwrap();
     }
 
     #[test]
     fn invalid_trust_domain_is_rejected() {
-        let err = Authority::generate_in_memory("Bad Domain").unwrap_err().to_string();
+        let err = Authority::generate_in_memory("Bad Domain")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("Bad Domain"), "{err}");
         assert!(Authority::generate_in_memory("").is_err());
     }
@@ -962,7 +1019,10 @@ mod tests {
         let x = parse(&ders[0]);
 
         let san = x.subject_alternative_name().unwrap().unwrap();
-        assert_eq!(san.value.general_names, vec![GeneralName::URI("spiffe://cluster.local/ns/demo/sa/server")]);
+        assert_eq!(
+            san.value.general_names,
+            vec![GeneralName::URI("spiffe://cluster.local/ns/demo/sa/server")]
+        );
         assert_eq!(issued.info.uri_sans, vec![id.uri()]);
         assert!(issued.info.dns_sans.is_empty() && issued.info.ip_sans.is_empty());
         // Empty subject, so the SAN must be critical (RFC 5280 4.2.1.6).
@@ -984,12 +1044,21 @@ mod tests {
         let nb = issued.info.not_before;
         let na = issued.info.not_after;
         let s = Duration::from_secs(1);
-        assert!(na + s >= before + ttl && na <= after + ttl, "not_after {na:?}");
-        assert!(nb + s >= before - CLOCK_SKEW && nb <= after - CLOCK_SKEW, "not_before {nb:?}");
+        assert!(
+            na + s >= before + ttl && na <= after + ttl,
+            "not_after {na:?}"
+        );
+        assert!(
+            nb + s >= before - CLOCK_SKEW && nb <= after - CLOCK_SKEW,
+            "not_before {nb:?}"
+        );
 
         // Serial: positive, 128 random bits (16 or 17 bytes with a sign byte).
         let raw = x.raw_serial();
-        assert!(raw.len() == 16 || (raw.len() == 17 && raw[0] == 0), "{raw:?}");
+        assert!(
+            raw.len() == 16 || (raw.len() == 17 && raw[0] == 0),
+            "{raw:?}"
+        );
         assert_eq!(issued.info.serial, format!("{:x}", x.serial));
 
         // Authority Key Identifier = the root's Subject Key Identifier.
@@ -998,7 +1067,9 @@ mod tests {
         let ski = root
             .iter_extensions()
             .find_map(|e| match e.parsed_extension() {
-                x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(k) => Some(k.0.to_vec()),
+                x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(k) => {
+                    Some(k.0.to_vec())
+                }
                 _ => None,
             })
             .unwrap();
@@ -1016,12 +1087,25 @@ mod tests {
         // Signed by the root, and valid for both TLS roles.
         assert_eq!(x.issuer().as_raw(), root.subject().as_raw());
         x.verify_signature(Some(root.public_key())).unwrap();
-        webpki_verify(&issued.cert_pem, &a.trust_bundle_pem(), webpki::KeyUsage::server_auth()).unwrap();
-        webpki_verify(&issued.cert_pem, &a.trust_bundle_pem(), webpki::KeyUsage::client_auth()).unwrap();
+        webpki_verify(
+            &issued.cert_pem,
+            &a.trust_bundle_pem(),
+            webpki::KeyUsage::server_auth(),
+        )
+        .unwrap();
+        webpki_verify(
+            &issued.cert_pem,
+            &a.trust_bundle_pem(),
+            webpki::KeyUsage::client_auth(),
+        )
+        .unwrap();
 
         // The key is the leaf's, and each issue gets its own key and serial.
         let key = KeyPair::from_pem(issued.key_pem.expose()).unwrap();
-        assert_eq!(key.public_key_raw(), x.public_key().subject_public_key.data.as_ref());
+        assert_eq!(
+            key.public_key_raw(),
+            x.public_key().subject_public_key.data.as_ref()
+        );
         let again = a.issue_workload(&id, ttl).unwrap();
         assert_ne!(again.key_pem, issued.key_pem);
         assert_ne!(again.info.serial, issued.info.serial);
@@ -1080,7 +1164,11 @@ mod tests {
                 params.signed_by(&key, &iss).unwrap()
             }
         };
-        UserCa { cert_pem: cert.pem(), key, params }
+        UserCa {
+            cert_pem: cert.pem(),
+            key,
+            params,
+        }
     }
 
     fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -1102,9 +1190,14 @@ mod tests {
         assert_eq!(a.trust_bundle_pem(), root.cert_pem);
         assert_eq!(a.roots().len(), 1);
         assert_eq!(a.roots()[0].subject, "O=Acme, CN=Acme Root");
-        assert_eq!(a.signing_cert().subject, "O=Acme, CN=Acme Mesh Intermediate");
+        assert_eq!(
+            a.signing_cert().subject,
+            "O=Acme, CN=Acme Mesh Intermediate"
+        );
 
-        let issued = a.issue_workload(&SpiffeId::new(TD, "demo", "web"), Duration::from_secs(600)).unwrap();
+        let issued = a
+            .issue_workload(&SpiffeId::new(TD, "demo", "web"), Duration::from_secs(600))
+            .unwrap();
         let ders = pem_to_der_certs(&issued.cert_pem).unwrap();
         assert_eq!(ders.len(), 2, "leaf + intermediate, no root");
         assert_eq!(ders[1], pem_to_der_certs(&int.cert_pem).unwrap()[0]);
@@ -1112,23 +1205,43 @@ mod tests {
         let int_x = parse(&ders[1]);
         leaf.verify_signature(Some(int_x.public_key())).unwrap();
         assert_eq!(issued.info.issuer, "O=Acme, CN=Acme Mesh Intermediate");
-        webpki_verify(&issued.cert_pem, &a.trust_bundle_pem(), webpki::KeyUsage::client_auth()).unwrap();
+        webpki_verify(
+            &issued.cert_pem,
+            &a.trust_bundle_pem(),
+            webpki::KeyUsage::client_auth(),
+        )
+        .unwrap();
 
         // Same thing with the root bundled in the cert file, and a chain file
         // repeating the intermediate: tolerated.
-        let bundled = write(dir.path(), "bundle.crt", &format!("{}{}", int.cert_pem, root.cert_pem));
+        let bundled = write(
+            dir.path(),
+            "bundle.crt",
+            &format!("{}{}", int.cert_pem, root.cert_pem),
+        );
         let a2 = Authority::from_files(&bundled, &key, None, TD).unwrap();
         assert_eq!(a2.trust_bundle_pem(), root.cert_pem);
-        let chain2 = write(dir.path(), "chain2.pem", &format!("{}{}", int.cert_pem, root.cert_pem));
+        let chain2 = write(
+            dir.path(),
+            "chain2.pem",
+            &format!("{}{}", int.cert_pem, root.cert_pem),
+        );
         let a3 = Authority::from_files(&cert, &key, Some(&chain2), TD).unwrap();
         assert_eq!(a3.trust_bundle_pem(), root.cert_pem);
 
         // A second root after the first joins the trust bundle (root rotation).
         let next_root = user_ca("Acme Root 2", None);
-        let chain3 = write(dir.path(), "chain3.pem", &format!("{}{}", root.cert_pem, next_root.cert_pem));
+        let chain3 = write(
+            dir.path(),
+            "chain3.pem",
+            &format!("{}{}", root.cert_pem, next_root.cert_pem),
+        );
         let a4 = Authority::from_files(&cert, &key, Some(&chain3), TD).unwrap();
         assert_eq!(a4.roots().len(), 2);
-        assert_eq!(a4.trust_bundle_pem(), format!("{}{}", root.cert_pem, next_root.cert_pem));
+        assert_eq!(
+            a4.trust_bundle_pem(),
+            format!("{}{}", root.cert_pem, next_root.cert_pem)
+        );
     }
 
     #[test]
@@ -1139,9 +1252,16 @@ mod tests {
         let key = write(dir.path(), "root.key", &root.key.serialize_pem());
         let a = Authority::from_files(&cert, &key, None, TD).unwrap();
         assert_eq!(a.trust_bundle_pem(), root.cert_pem);
-        let issued = a.issue_workload(&SpiffeId::new(TD, "demo", "web"), Duration::from_secs(600)).unwrap();
+        let issued = a
+            .issue_workload(&SpiffeId::new(TD, "demo", "web"), Duration::from_secs(600))
+            .unwrap();
         assert_eq!(pem_to_der_certs(&issued.cert_pem).unwrap().len(), 1);
-        webpki_verify(&issued.cert_pem, &root.cert_pem, webpki::KeyUsage::server_auth()).unwrap();
+        webpki_verify(
+            &issued.cert_pem,
+            &root.cert_pem,
+            webpki::KeyUsage::server_auth(),
+        )
+        .unwrap();
     }
 
     #[test]
@@ -1156,47 +1276,90 @@ mod tests {
 
         // Not a CA: a workload leaf and its key.
         let a = Authority::from_files(&root_crt, &root_key, None, TD).unwrap();
-        let leaf = a.issue_workload(&SpiffeId::new(TD, "demo", "web"), Duration::from_secs(600)).unwrap();
+        let leaf = a
+            .issue_workload(&SpiffeId::new(TD, "demo", "web"), Duration::from_secs(600))
+            .unwrap();
         let leaf_crt = write(dir.path(), "leaf.crt", &leaf.cert_pem);
         let leaf_key = write(dir.path(), "leaf.key", leaf.key_pem.expose());
-        let err = Authority::from_files(&leaf_crt, &leaf_key, None, TD).unwrap_err().to_string();
-        assert!(err.contains("leaf.crt") && err.contains("not a CA"), "{err}");
+        let err = Authority::from_files(&leaf_crt, &leaf_key, None, TD)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("leaf.crt") && err.contains("not a CA"),
+            "{err}"
+        );
 
         // Key of another CA.
-        let err = Authority::from_files(&int_crt, &root_key, Some(&root_crt), TD).unwrap_err().to_string();
-        assert!(err.contains("root.key") && err.contains("does not match") && err.contains("int.crt"), "{err}");
+        let err = Authority::from_files(&int_crt, &root_key, Some(&root_crt), TD)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("root.key") && err.contains("does not match") && err.contains("int.crt"),
+            "{err}"
+        );
 
         // Intermediate without its chain.
-        let err = Authority::from_files(&int_crt, &int_key, None, TD).unwrap_err().to_string();
-        assert!(err.contains("int.crt") && err.contains("not self-signed"), "{err}");
+        let err = Authority::from_files(&int_crt, &int_key, None, TD)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("int.crt") && err.contains("not self-signed"),
+            "{err}"
+        );
 
         // Chain holding an unrelated root.
         let other = user_ca("Other Root", None);
         let bad_chain = write(dir.path(), "bad-chain.pem", &other.cert_pem);
-        let err = Authority::from_files(&int_crt, &int_key, Some(&bad_chain), TD).unwrap_err().to_string();
-        assert!(err.contains("bad-chain.pem") && err.contains("not the issuer"), "{err}");
+        let err = Authority::from_files(&int_crt, &int_key, Some(&bad_chain), TD)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("bad-chain.pem") && err.contains("not the issuer"),
+            "{err}"
+        );
 
         // Chain whose root has the right name but another key.
         let mut impostor = user_ca("Acme Root", None);
         impostor.params.distinguished_name = root.params.distinguished_name.clone();
         let impostor_cert = impostor.params.self_signed(&impostor.key).unwrap();
         let fake_chain = write(dir.path(), "fake-chain.pem", &impostor_cert.pem());
-        let err = Authority::from_files(&int_crt, &int_key, Some(&fake_chain), TD).unwrap_err().to_string();
-        assert!(err.contains("int.crt") && err.contains("does not verify"), "{err}");
+        let err = Authority::from_files(&int_crt, &int_key, Some(&fake_chain), TD)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("int.crt") && err.contains("does not verify"),
+            "{err}"
+        );
 
         // SEC1 key: clear advice instead of a parse error.
-        let sec1 = write(dir.path(), "sec1.key", "-----BEGIN EC PRIVATE KEY-----\nAAAA\n-----END EC PRIVATE KEY-----\n");
-        let err = Authority::from_files(&root_crt, &sec1, None, TD).unwrap_err().to_string();
+        let sec1 = write(
+            dir.path(),
+            "sec1.key",
+            "-----BEGIN EC PRIVATE KEY-----\nAAAA\n-----END EC PRIVATE KEY-----\n",
+        );
+        let err = Authority::from_files(&root_crt, &sec1, None, TD)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("sec1.key") && err.contains("PKCS#8"), "{err}");
 
         // Missing file.
-        let err = Authority::from_files(&dir.path().join("nope.crt"), &root_key, None, TD).unwrap_err().to_string();
-        assert!(err.contains("nope.crt") && err.contains("cannot read"), "{err}");
+        let err = Authority::from_files(&dir.path().join("nope.crt"), &root_key, None, TD)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("nope.crt") && err.contains("cannot read"),
+            "{err}"
+        );
 
         // Not PEM at all.
         let junk = write(dir.path(), "junk.crt", "hello");
-        let err = Authority::from_files(&junk, &root_key, None, TD).unwrap_err().to_string();
-        assert!(err.contains("junk.crt") && err.contains("CERTIFICATE"), "{err}");
+        let err = Authority::from_files(&junk, &root_key, None, TD)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("junk.crt") && err.contains("CERTIFICATE"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1204,16 +1367,33 @@ mod tests {
         let a = Authority::generate_in_memory(TD).unwrap();
         let pod = ObjectKey::new("demo", "client-0");
         let id = SpiffeId::new(TD, "demo", "client");
-        let cred = a.issue_xds_client(&pod, &id, Duration::from_secs(86400)).unwrap();
+        let cred = a
+            .issue_xds_client(&pod, &id, Duration::from_secs(86400))
+            .unwrap();
         let der = pem_to_der_certs(&cred.cert_pem).unwrap().remove(0);
-        assert_eq!(xds_client_identity(&der, TD).unwrap(), (pod.clone(), id.clone()));
+        assert_eq!(
+            xds_client_identity(&der, TD).unwrap(),
+            (pod.clone(), id.clone())
+        );
 
         let x = parse(&der);
         let eku = x.extended_key_usage().unwrap().unwrap().value;
         assert!(eku.client_auth && !eku.server_auth);
         assert_eq!(cred.info.subject, "OU=ward-xds-client, CN=demo/client-0");
-        webpki_verify(&cred.cert_pem, &a.trust_bundle_pem(), webpki::KeyUsage::client_auth()).unwrap();
-        assert!(webpki_verify(&cred.cert_pem, &a.trust_bundle_pem(), webpki::KeyUsage::server_auth()).is_err());
+        webpki_verify(
+            &cred.cert_pem,
+            &a.trust_bundle_pem(),
+            webpki::KeyUsage::client_auth(),
+        )
+        .unwrap();
+        assert!(
+            webpki_verify(
+                &cred.cert_pem,
+                &a.trust_bundle_pem(),
+                webpki::KeyUsage::server_auth()
+            )
+            .is_err()
+        );
 
         // A workload SVID cannot open an xDS stream.
         let svid = a.issue_workload(&id, Duration::from_secs(600)).unwrap();
@@ -1223,14 +1403,18 @@ mod tests {
 
         // The SPIFFE namespace must be the pod's namespace.
         let other_ns = SpiffeId::new(TD, "other", "client");
-        let cred = a.issue_xds_client(&pod, &other_ns, Duration::from_secs(600)).unwrap();
+        let cred = a
+            .issue_xds_client(&pod, &other_ns, Duration::from_secs(600))
+            .unwrap();
         let der = pem_to_der_certs(&cred.cert_pem).unwrap().remove(0);
         let err = xds_client_identity(&der, TD).unwrap_err().to_string();
         assert!(err.contains("namespace"), "{err}");
 
         // Another trust domain.
         let foreign = SpiffeId::new("example.org", "demo", "client");
-        let cred = a.issue_xds_client(&pod, &foreign, Duration::from_secs(600)).unwrap();
+        let cred = a
+            .issue_xds_client(&pod, &foreign, Duration::from_secs(600))
+            .unwrap();
         let der = pem_to_der_certs(&cred.cert_pem).unwrap().remove(0);
         let err = xds_client_identity(&der, TD).unwrap_err().to_string();
         assert!(err.contains("trust domain"), "{err}");
@@ -1243,31 +1427,53 @@ mod tests {
         let a = Authority::generate_in_memory(TD).unwrap();
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
         let issued = a
-            .issue_xds_server(&["ward.ward-system.svc".to_string()], &[ip], Duration::from_secs(3600))
+            .issue_xds_server(
+                &["ward.ward-system.svc".to_string()],
+                &[ip],
+                Duration::from_secs(3600),
+            )
             .unwrap();
-        assert_eq!(issued.info.dns_sans, vec!["ward.ward-system.svc".to_string()]);
+        assert_eq!(
+            issued.info.dns_sans,
+            vec!["ward.ward-system.svc".to_string()]
+        );
         assert_eq!(issued.info.ip_sans, vec![ip]);
-        assert_eq!(issued.info.uri_sans, vec!["spiffe://cluster.local/ward".to_string()]);
+        assert_eq!(
+            issued.info.uri_sans,
+            vec!["spiffe://cluster.local/ward".to_string()]
+        );
         let der = pem_to_der_certs(&issued.cert_pem).unwrap().remove(0);
         let x = parse(&der);
         let eku = x.extended_key_usage().unwrap().unwrap().value;
         assert!(eku.server_auth && !eku.client_auth);
-        webpki_verify(&issued.cert_pem, &a.trust_bundle_pem(), webpki::KeyUsage::server_auth()).unwrap();
-        let err = a.issue_xds_server(&["bad name ü".to_string()], &[], Duration::from_secs(60)).unwrap_err();
+        webpki_verify(
+            &issued.cert_pem,
+            &a.trust_bundle_pem(),
+            webpki::KeyUsage::server_auth(),
+        )
+        .unwrap();
+        let err = a
+            .issue_xds_server(&["bad name ü".to_string()], &[], Duration::from_secs(60))
+            .unwrap_err();
         assert!(err.to_string().contains("bad name"), "{err}");
     }
 
     #[test]
     fn keys_never_appear_in_debug_output() {
         let a = Authority::generate_in_memory(TD).unwrap();
-        let issued = a.issue_workload(&SpiffeId::new(TD, "demo", "web"), Duration::from_secs(60)).unwrap();
+        let issued = a
+            .issue_workload(&SpiffeId::new(TD, "demo", "web"), Duration::from_secs(60))
+            .unwrap();
         assert!(issued.key_pem.expose().contains("PRIVATE KEY"));
         assert_eq!(format!("{:?}", issued.key_pem), "<redacted>");
         assert_eq!(format!("{}", issued.key_pem), "<redacted>");
         assert!(!format!("{issued:?}").contains("PRIVATE"));
         assert!(!format!("{issued:#?}").contains("PRIVATE"));
         let dbg = format!("{a:?}");
-        assert!(!dbg.contains("PRIVATE") && dbg.contains("cluster.local"), "{dbg}");
+        assert!(
+            !dbg.contains("PRIVATE") && dbg.contains("cluster.local"),
+            "{dbg}"
+        );
     }
 
     #[test]
@@ -1277,8 +1483,14 @@ mod tests {
             Some(SpiffeId::new("cluster.local", "demo", "web"))
         );
         assert_eq!(parse_spiffe_id("spiffe://cluster.local/ward"), None);
-        assert_eq!(parse_spiffe_id("spiffe://cluster.local/ns/demo/sa/web/x"), None);
-        assert_eq!(parse_spiffe_id("https://cluster.local/ns/demo/sa/web"), None);
+        assert_eq!(
+            parse_spiffe_id("spiffe://cluster.local/ns/demo/sa/web/x"),
+            None
+        );
+        assert_eq!(
+            parse_spiffe_id("https://cluster.local/ns/demo/sa/web"),
+            None
+        );
         assert_eq!(parse_spiffe_id("spiffe:///ns/demo/sa/web"), None);
     }
 
@@ -1298,7 +1510,11 @@ mod tests {
         println!(
             "signed 1000 workload certs in {elapsed:?} ({:.0}/s, one thread, {} build)",
             1000.0 / elapsed.as_secs_f64(),
-            if cfg!(debug_assertions) { "debug" } else { "release" }
+            if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            }
         );
     }
 }

@@ -87,11 +87,17 @@ pub struct WorkloadCert {
 /// One proxy's certificate state, for the admin API.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct CertStatus {
+    /// The pod whose sidecar holds this certificate.
     pub proxy: ObjectKey,
+    /// Identity in the certificate's URI SAN.
     pub spiffe_id: String,
+    /// Serial (lowercase hex), to match against Envoy's `/certs`.
     pub serial: String,
+    /// Start of validity (backdated for clock skew).
     pub not_before: SystemTime,
+    /// Expiry: the number operators alert on.
     pub not_after: SystemTime,
+    /// Which CA signed it (changes during a root rotation).
     pub issuer: String,
     /// Successful renewals since the first issue.
     pub rotations: u64,
@@ -121,7 +127,9 @@ struct Inner {
     queue_tx: mpsc::UnboundedSender<Scheduled>,
     /// Taken by the single run task.
     queue_rx: Mutex<Option<mpsc::UnboundedReceiver<Scheduled>>>,
+    /// Certificates signed (metrics).
     issued: AtomicU64,
+    /// Failed signings (metrics).
     failures: AtomicU64,
 }
 
@@ -131,9 +139,13 @@ struct Entry {
     id: SpiffeId,
     /// Publishes new certificates to every stream of this proxy.
     tx: watch::Sender<Arc<WorkloadCert>>,
+    /// Streams holding this certificate; rotation stops at zero.
     subscribers: usize,
+    /// Successful renewals (status).
     rotations: u64,
+    /// Last renewal error, cleared by a success (status).
     last_error: Option<String>,
+    /// Failed renewals since the last success (status).
     consecutive_failures: u32,
     /// Current retry delay; `None` while renewals succeed.
     backoff: Option<Duration>,
@@ -150,7 +162,9 @@ struct Entry {
 
 /// An item of the rotation queue.
 struct Scheduled {
+    /// When the run task should look at the proxy.
     at: Instant,
+    /// Whose certificate is due.
     proxy: ObjectKey,
 }
 
@@ -334,7 +348,8 @@ impl CertManager {
         self.inner.failures.load(Ordering::Relaxed)
     }
 
-    /// Earliest expiry among certificates in use.
+    /// Earliest expiry among certificates in use (subscribed proxies only;
+    /// certificates kept for reuse are not served to anyone).
     pub fn nearest_expiry(&self) -> Option<SystemTime> {
         self.entries()
             .values()
@@ -409,7 +424,7 @@ impl CertManager {
                         self.attempt(&proxy, at);
                         handled += 1;
                         // Thousands of renewals at once must not starve other tasks.
-                        if handled % 64 == 0 {
+                        if handled.is_multiple_of(64) {
                             tokio::task::yield_now().await;
                         }
                     }
@@ -479,6 +494,22 @@ impl CertManager {
     fn sign(&self, id: &SpiffeId) -> Result<WorkloadCert, CaError> {
         let signer = self.signer();
         let issued = signer.issue_workload(id, self.inner.cfg.ttl)?;
+        // A signer close to its own expiry caps leaves to almost nothing;
+        // publishing them would turn rotation into a busy loop.
+        let lifetime = issued
+            .info
+            .not_after
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        if lifetime < self.min_lifetime() {
+            return Err(CaError::sign(
+                format!("workload certificate for {id}"),
+                format!(
+                    "it would be valid for only {}s: the signing certificate expires too soon",
+                    lifetime.as_secs()
+                ),
+            ));
+        }
         self.inner.issued.fetch_add(1, Ordering::Relaxed);
         Ok(WorkloadCert {
             cert_pem: issued.cert_pem,
@@ -512,11 +543,22 @@ impl CertManager {
         } else {
             cfg.rotate_at
         };
-        let frac = if frac.is_finite() { frac.clamp(0.0, 1.0) } else { 0.5 };
-        e.renew_at = now + lifetime.mul_f64(frac);
+        let frac = if frac.is_finite() {
+            frac.clamp(0.0, 1.0)
+        } else {
+            0.5
+        };
+        // Never renew sooner than `retry_min` after an issue (rotate_at = 0
+        // would otherwise spin).
+        e.renew_at = now + lifetime.mul_f64(frac).max(cfg.retry_min).min(lifetime);
         e.expires_at = now + lifetime;
         let renew_at = e.renew_at;
         self.schedule(proxy, e, renew_at, false);
+    }
+
+    /// Shortest certificate lifetime worth publishing.
+    fn min_lifetime(&self) -> Duration {
+        (self.inner.cfg.retry_min * 2).max(Duration::from_secs(2))
     }
 
     /// After a new subscription: make sure a subscribed entry is rotated.
@@ -547,5 +589,420 @@ async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    const TD: &str = "cluster.local";
+
+    /// Wraps an Authority; can be told to fail, and records when it was asked.
+    struct FlakySigner {
+        inner: RwLock<Arc<Authority>>,
+        fail: AtomicBool,
+        calls: Mutex<Vec<Instant>>,
+    }
+
+    impl FlakySigner {
+        fn new() -> Arc<Self> {
+            Arc::new(FlakySigner {
+                inner: RwLock::new(Arc::new(Authority::generate_in_memory(TD).unwrap())),
+                fail: AtomicBool::new(false),
+                calls: Mutex::new(Vec::new()),
+            })
+        }
+        fn set_fail(&self, fail: bool) {
+            self.fail.store(fail, Ordering::SeqCst);
+        }
+        fn calls(&self) -> Vec<Instant> {
+            self.calls.lock().unwrap().clone()
+        }
+    }
+
+    impl Signer for FlakySigner {
+        fn issue_workload(&self, id: &SpiffeId, ttl: Duration) -> Result<IssuedCert, CaError> {
+            self.calls.lock().unwrap().push(Instant::now());
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(CaError::sign("test", "injected failure"));
+            }
+            self.inner.read().unwrap().issue_workload(id, ttl)
+        }
+        fn trust_bundle_pem(&self) -> String {
+            self.inner.read().unwrap().trust_bundle_pem()
+        }
+    }
+
+    fn start(signer: Arc<dyn Signer>, cfg: RotationConfig) -> (CertManager, CancellationToken) {
+        let m = CertManager::with_signer(signer, cfg);
+        let shutdown = CancellationToken::new();
+        tokio::spawn(m.clone().run(shutdown.clone()));
+        (m, shutdown)
+    }
+
+    fn pod() -> ObjectKey {
+        ObjectKey::new("demo", "web-0")
+    }
+
+    fn id() -> SpiffeId {
+        SpiffeId::new(TD, "demo", "web")
+    }
+
+    fn serial(rx: &watch::Receiver<Arc<WorkloadCert>>) -> String {
+        rx.borrow().info.serial.clone()
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    #[tokio::test(start_paused = true)]
+    async fn rotates_at_half_life_within_jitter_and_keeps_rotating() {
+        let signer = FlakySigner::new();
+        let (m, shutdown) = start(signer.clone(), RotationConfig::default());
+        let t0 = Instant::now();
+        let mut rx = m.subscribe(&pod(), &id()).unwrap();
+        let first = rx.borrow_and_update().clone();
+        assert_eq!(first.info.uri_sans, vec![id().uri()]);
+        assert_eq!(first.trust_bundle_pem, signer.trust_bundle_pem());
+        assert_eq!(m.issued_total(), 1);
+        let next = m.status()[0].next_rotation.unwrap();
+        let ahead = next.duration_since(SystemTime::now()).unwrap();
+        assert!(
+            ahead >= HOUR.mul_f64(0.44) && ahead <= HOUR.mul_f64(0.55),
+            "{ahead:?}"
+        );
+
+        // Nothing before rotate_at - jitter (0.45 of the lifetime; the
+        // lifetime is a little under the TTL because of second precision).
+        tokio::time::sleep(HOUR.mul_f64(0.449)).await;
+        assert!(!rx.has_changed().unwrap());
+
+        rx.changed().await.unwrap();
+        let elapsed = t0.elapsed();
+        assert!(elapsed <= HOUR.mul_f64(0.55), "rotated after {elapsed:?}");
+        let second = rx.borrow_and_update().clone();
+        assert_ne!(second.info.serial, first.info.serial);
+        assert_ne!(second.key_pem, first.key_pem);
+        assert_eq!(m.issued_total(), 2);
+        assert_eq!(m.status()[0].rotations, 1);
+
+        // And again, about half a lifetime after the previous rotation.
+        let t1 = Instant::now();
+        rx.changed().await.unwrap();
+        let gap = t1.elapsed();
+        assert!(
+            gap >= HOUR.mul_f64(0.449) && gap <= HOUR.mul_f64(0.55),
+            "{gap:?}"
+        );
+        let third = rx.borrow_and_update().clone();
+        assert_ne!(third.info.serial, second.info.serial);
+        rx.changed().await.unwrap();
+        assert_eq!(m.status()[0].rotations, 3);
+        assert_eq!(m.failures_total(), 0);
+        shutdown.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn jitter_spreads_rotations() {
+        let signer = FlakySigner::new();
+        let (m, shutdown) = start(signer, RotationConfig::default());
+        for i in 0..50 {
+            m.subscribe(&ObjectKey::new("demo", format!("p-{i}")), &id())
+                .unwrap();
+        }
+        let now = SystemTime::now();
+        let aheads: Vec<Duration> = m
+            .status()
+            .iter()
+            .map(|s| s.next_rotation.unwrap().duration_since(now).unwrap())
+            .collect();
+        let min = aheads.iter().min().unwrap();
+        let max = aheads.iter().max().unwrap();
+        assert!(
+            *min >= HOUR.mul_f64(0.44) && *max <= HOUR.mul_f64(0.551),
+            "{min:?}..{max:?}"
+        );
+        // 50 uniform draws over a 6-minute window are not all within a minute.
+        assert!(*max - *min > Duration::from_secs(60), "{min:?}..{max:?}");
+        shutdown.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_signing_keeps_the_old_cert_and_retries_with_backoff() {
+        let signer = FlakySigner::new();
+        let cfg = RotationConfig {
+            jitter: 0.0,
+            ..RotationConfig::default()
+        };
+        let (m, shutdown) = start(signer.clone(), cfg);
+        let mut rx = m.subscribe(&pod(), &id()).unwrap();
+        let original = serial(&rx);
+        signer.set_fail(true);
+
+        // Past the rotation point and a few minutes of retries.
+        tokio::time::sleep(HOUR / 2 + Duration::from_secs(300)).await;
+        assert!(
+            !rx.has_changed().unwrap(),
+            "a failed rotation must not publish"
+        );
+        assert_eq!(serial(&rx), original);
+        let st = &m.status()[0];
+        assert!(
+            st.last_error
+                .as_deref()
+                .unwrap()
+                .contains("injected failure"),
+            "{st:?}"
+        );
+        assert!(st.consecutive_failures >= 5);
+        assert_eq!(m.failures_total(), u64::from(st.consecutive_failures));
+
+        // Attempts after the first failure: 1, 2, 4, 8, 16 s, then capped at 30 s.
+        let calls = signer.calls();
+        let gaps: Vec<u64> = calls[1..]
+            .windows(2)
+            .map(|w| (w[1] - w[0]).as_secs())
+            .collect();
+        assert_eq!(&gaps[..7], &[1, 2, 4, 8, 16, 30, 30], "{gaps:?}");
+        assert!(gaps.iter().all(|g| *g <= 30));
+
+        // The signer recovers: the next retry publishes a new cert.
+        signer.set_fail(false);
+        let t = Instant::now();
+        rx.changed().await.unwrap();
+        assert!(t.elapsed() <= Duration::from_secs(30));
+        assert_ne!(serial(&rx), original);
+        let st = &m.status()[0];
+        assert_eq!(st.last_error, None);
+        assert_eq!(st.consecutive_failures, 0);
+        assert_eq!(st.rotations, 1);
+        // Back on the normal schedule: next rotation about half a lifetime away.
+        let ahead = st
+            .next_rotation
+            .unwrap()
+            .duration_since(SystemTime::now())
+            .unwrap();
+        assert!(ahead >= HOUR.mul_f64(0.49), "{ahead:?}");
+        shutdown.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn release_stops_rotation_and_expired_certs_are_purged() {
+        let signer = FlakySigner::new();
+        let (m, shutdown) = start(signer, RotationConfig::default());
+        let rx = m.subscribe(&pod(), &id()).unwrap();
+        m.release(&pod());
+        assert_eq!(m.status()[0].subscribers, 0);
+        assert_eq!(m.status()[0].next_rotation, None);
+        assert_eq!(m.nearest_expiry(), None);
+
+        tokio::time::sleep(HOUR * 3 / 4).await;
+        assert!(!rx.has_changed().unwrap());
+        assert_eq!(m.issued_total(), 1);
+        assert_eq!(m.status().len(), 1, "kept until it expires");
+
+        tokio::time::sleep(HOUR / 2).await;
+        assert!(m.status().is_empty(), "purged after expiry");
+        assert!(m.current(&pod()).is_none());
+        assert_eq!(m.issued_total(), 1);
+        shutdown.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn resubscribe_reuses_a_fresh_cert_and_resumes_rotation() {
+        let signer = FlakySigner::new();
+        let (m, shutdown) = start(signer, RotationConfig::default());
+        let rx = m.subscribe(&pod(), &id()).unwrap();
+        let first = serial(&rx);
+        m.release(&pod());
+        tokio::time::sleep(Duration::from_secs(600)).await;
+
+        let mut rx2 = m.subscribe(&pod(), &id()).unwrap();
+        assert_eq!(serial(&rx2), first, "reconnect reuses the cert");
+        assert_eq!(m.issued_total(), 1);
+        assert_eq!(m.status()[0].subscribers, 1);
+        assert!(m.status()[0].next_rotation.is_some());
+
+        // Two streams for one proxy share the cert; one leaving keeps rotation.
+        let mut rx3 = m.subscribe(&pod(), &id()).unwrap();
+        assert_eq!(serial(&rx3), first);
+        m.release(&pod());
+        rx2.changed().await.unwrap();
+        assert_ne!(serial(&rx2), first);
+        assert!(rx3.has_changed().unwrap());
+        rx3.borrow_and_update();
+        assert_eq!(m.issued_total(), 2);
+        shutdown.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn resubscribe_after_half_life_or_with_new_identity_reissues() {
+        let signer = FlakySigner::new();
+        let (m, shutdown) = start(signer, RotationConfig::default());
+        let rx = m.subscribe(&pod(), &id()).unwrap();
+        let first = serial(&rx);
+        m.release(&pod());
+        tokio::time::sleep(HOUR * 2 / 3).await;
+        let rx = m.subscribe(&pod(), &id()).unwrap();
+        let second = serial(&rx);
+        assert_ne!(
+            second, first,
+            "a cert past its rotation point is not handed out again"
+        );
+
+        let other = SpiffeId::new(TD, "demo", "other");
+        let rx = m.subscribe(&pod(), &other).unwrap();
+        assert_eq!(rx.borrow().info.uri_sans, vec![other.uri()]);
+        assert_eq!(m.status()[0].spiffe_id, other.uri());
+        assert_eq!(m.issued_total(), 3);
+        shutdown.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn subscribe_without_any_cert_fails_when_signing_fails() {
+        let signer = FlakySigner::new();
+        signer.set_fail(true);
+        let (m, shutdown) = start(signer.clone(), RotationConfig::default());
+        let err = m.subscribe(&pod(), &id()).unwrap_err();
+        assert!(err.to_string().contains("injected failure"), "{err}");
+        assert_eq!(m.failures_total(), 1);
+        assert!(m.status().is_empty());
+
+        // With a valid (if due) cert in hand, a failed re-issue still serves it.
+        signer.set_fail(false);
+        let rx = m.subscribe(&pod(), &id()).unwrap();
+        let first = serial(&rx);
+        signer.set_fail(true);
+        tokio::time::sleep(HOUR * 2 / 3).await;
+        let rx2 = m.subscribe(&pod(), &id()).unwrap();
+        assert_eq!(serial(&rx2), first);
+        assert!(m.status()[0].last_error.is_some());
+        shutdown.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn new_authority_applies_to_subsequent_certs() {
+        let a1 = Arc::new(Authority::generate_in_memory(TD).unwrap());
+        let a2 = Arc::new(Authority::generate_in_memory(TD).unwrap());
+        let m = CertManager::new(a1.clone(), RotationConfig::default());
+        let shutdown = CancellationToken::new();
+        tokio::spawn(m.clone().run(shutdown.clone()));
+        let mut rx = m.subscribe(&pod(), &id()).unwrap();
+        assert_eq!(
+            rx.borrow_and_update().trust_bundle_pem,
+            a1.trust_bundle_pem()
+        );
+
+        m.set_authority(a2.clone());
+        assert_eq!(
+            rx.borrow().trust_bundle_pem,
+            a1.trust_bundle_pem(),
+            "no change before rotation"
+        );
+        m.rotate_all_now();
+        rx.changed().await.unwrap();
+        let cert = rx.borrow_and_update().clone();
+        assert_eq!(cert.trust_bundle_pem, a2.trust_bundle_pem());
+        assert_eq!(cert.info.issuer, a2.signing_cert().subject);
+        shutdown.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn degenerate_lifetimes_do_not_spin() {
+        // A signer that expires in a second caps every leaf to ~1 s.
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::default();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.not_before = (SystemTime::now() - HOUR).into();
+        p.not_after = (SystemTime::now() + Duration::from_secs(1)).into();
+        let cert = p.self_signed(&key).unwrap();
+        std::fs::write(dir.path().join("c.crt"), cert.pem()).unwrap();
+        std::fs::write(dir.path().join("c.key"), key.serialize_pem()).unwrap();
+        let a = Authority::from_files(
+            &dir.path().join("c.crt"),
+            &dir.path().join("c.key"),
+            None,
+            TD,
+        )
+        .unwrap();
+        let m = CertManager::new(Arc::new(a), RotationConfig::default());
+        let err = m.subscribe(&pod(), &id()).unwrap_err().to_string();
+        assert!(err.contains("expires too soon"), "{err}");
+        assert_eq!(m.issued_total(), 0);
+
+        // rotate_at = 0 still waits at least retry_min between renewals.
+        let cfg = RotationConfig {
+            rotate_at: 0.0,
+            jitter: 0.0,
+            ..RotationConfig::default()
+        };
+        let (m, shutdown) = start(FlakySigner::new(), cfg);
+        m.subscribe(&pod(), &id()).unwrap();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(m.issued_total() <= 11, "{}", m.issued_total());
+        shutdown.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn status_and_nearest_expiry() {
+        let signer = FlakySigner::new();
+        let (m, shutdown) = start(signer, RotationConfig::default());
+        let a = ObjectKey::new("demo", "a");
+        let b = ObjectKey::new("demo", "b");
+        let rb = m.subscribe(&b, &id()).unwrap();
+        let ra = m.subscribe(&a, &id()).unwrap();
+        let st = m.status();
+        assert_eq!(
+            st.iter().map(|s| s.proxy.clone()).collect::<Vec<_>>(),
+            vec![a.clone(), b.clone()]
+        );
+        assert_eq!(st[0].serial, ra.borrow().info.serial);
+        assert_eq!(st[0].spiffe_id, id().uri());
+        assert_eq!(st[0].not_after, ra.borrow().info.not_after);
+        assert!(!st[0].issuer.is_empty());
+        let nearest = ra.borrow().info.not_after.min(rb.borrow().info.not_after);
+        assert_eq!(m.nearest_expiry(), Some(nearest));
+        shutdown.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn run_stops_on_shutdown() {
+        let signer = FlakySigner::new();
+        let m = CertManager::with_signer(signer, RotationConfig::default());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(m.clone().run(shutdown.clone()));
+        m.subscribe(&pod(), &id()).unwrap();
+        // Let the spawned runner start and take the queue.
+        tokio::task::yield_now().await;
+        // A second runner refuses to start instead of double-rotating.
+        tokio::time::timeout(Duration::from_secs(1), m.clone().run(shutdown.clone()))
+            .await
+            .unwrap();
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(1), task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rotates_many_proxies() {
+        let signer = FlakySigner::new();
+        let (m, shutdown) = start(signer, RotationConfig::default());
+        let mut rxs: Vec<_> = (0..200)
+            .map(|i| {
+                m.subscribe(&ObjectKey::new("demo", format!("p-{i}")), &id())
+                    .unwrap()
+            })
+            .collect();
+        tokio::time::sleep(HOUR.mul_f64(0.56)).await;
+        for rx in &mut rxs {
+            assert!(rx.has_changed().unwrap());
+        }
+        assert_eq!(m.issued_total(), 400);
+        assert!(m.status().iter().all(|s| s.rotations == 1));
+        shutdown.cancel();
     }
 }
