@@ -54,7 +54,10 @@ impl Running {
     pub async fn stop(self, deadline: Duration) {
         self.shutdown.cancel();
         self.tasks.close();
-        if tokio::time::timeout(deadline, self.tasks.wait()).await.is_err() {
+        if tokio::time::timeout(deadline, self.tasks.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("shutdown deadline of {deadline:?} passed; exiting anyway");
         }
     }
@@ -90,9 +93,11 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
     let certs = CertManager::new(authority.clone(), cfg.rotation.clone());
     {
         let c = certs.clone();
-        metrics.register_sampled(Sampled::counter("certs_issued", "Workload certificates issued", move || {
-            c.issued_total() as f64
-        }));
+        metrics.register_sampled(Sampled::counter(
+            "certs_issued",
+            "Workload certificates issued",
+            move || c.issued_total() as f64,
+        ));
         let c = certs.clone();
         metrics.register_sampled(Sampled::counter(
             "cert_signing_failures",
@@ -112,7 +117,9 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
     let admin_addr = admin_listener.local_addr()?;
 
     let tls = if cfg.insecure_xds {
-        tracing::warn!("--insecure-xds: the xDS port is plaintext and trusts node.id; development only");
+        tracing::warn!(
+            "--insecure-xds: the xDS port is plaintext and trusts node.id; development only"
+        );
         None
     } else {
         let mut dns = vec!["localhost".to_string(), "ward".to_string()];
@@ -167,13 +174,23 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
     tasks.spawn(certs.clone().run(shutdown.clone()));
     {
         let on_exit = fatal("xDS server", shutdown.clone());
-        tasks.spawn(async move { on_exit(xds::serve(ctx, xds_listener, tls).await.map_err(|e| e.to_string())) });
+        tasks.spawn(async move {
+            on_exit(
+                xds::serve(ctx, xds_listener, tls)
+                    .await
+                    .map_err(|e| e.to_string()),
+            )
+        });
     }
     {
         let on_exit = fatal("admin server", shutdown.clone());
         let s = shutdown.clone();
         tasks.spawn(async move {
-            on_exit(admin::serve(admin_state, admin_listener, s).await.map_err(|e| e.to_string()))
+            on_exit(
+                admin::serve(admin_state, admin_listener, s)
+                    .await
+                    .map_err(|e| e.to_string()),
+            )
         });
     }
     tracing::info!(%xds_addr, %admin_addr, trust_domain = %cfg.trust_domain, "ward started");

@@ -8,6 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::ca::store::write_public_file;
 use crate::ca::{Authority, CaError, write_private_file};
 use crate::model::{Mesh, ObjectKey};
 use crate::translate::names;
@@ -23,7 +24,9 @@ pub const CA_FILE: &str = "xds-ca.crt";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BootstrapError {
-    #[error("pod {0} is not in the mesh configuration (is it in --config-dir, with status.podIP set?)")]
+    #[error(
+        "pod {0} is not in the mesh configuration (is it in --config-dir, with status.podIP set?)"
+    )]
     UnknownPod(ObjectKey),
     #[error("--xds-addr {0:?}: expected HOST:PORT")]
     XdsAddr(String),
@@ -39,6 +42,8 @@ pub enum BootstrapError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    File(#[from] CaError),
 }
 
 /// What to render.
@@ -91,8 +96,8 @@ pub fn write(
         .workloads
         .get(&opts.pod)
         .ok_or_else(|| BootstrapError::UnknownPod(opts.pod.clone()))?;
-    let (xds_host, xds_port) =
-        split_host_port(&opts.xds_addr).ok_or_else(|| BootstrapError::XdsAddr(opts.xds_addr.clone()))?;
+    let (xds_host, xds_port) = split_host_port(&opts.xds_addr)
+        .ok_or_else(|| BootstrapError::XdsAddr(opts.xds_addr.clone()))?;
     let admin = opts
         .envoy_admin
         .unwrap_or_else(|| SocketAddr::new(workload.ip, 15000));
@@ -111,15 +116,11 @@ pub fn write(
     })?;
     let write_file = |name: &str, body: &str, private: bool| -> Result<PathBuf, BootstrapError> {
         let path = out.join(name);
-        let res = if private {
-            write_private_file(&path, body.as_bytes())
+        if private {
+            write_private_file(&path, body.as_bytes())?;
         } else {
-            std::fs::write(&path, body)
-        };
-        res.map_err(|source| BootstrapError::Write {
-            path: path.clone(),
-            source,
-        })?;
+            write_public_file(&path, body.as_bytes())?;
+        }
         Ok(path)
     };
 
@@ -172,8 +173,14 @@ mod tests {
 
     #[test]
     fn host_port_parsing_rejects_injection() {
-        assert_eq!(split_host_port("127.0.0.1:15010"), Some(("127.0.0.1".into(), 15010)));
-        assert_eq!(split_host_port("ward.ward-system.svc:15010"), Some(("ward.ward-system.svc".into(), 15010)));
+        assert_eq!(
+            split_host_port("127.0.0.1:15010"),
+            Some(("127.0.0.1".into(), 15010))
+        );
+        assert_eq!(
+            split_host_port("ward.ward-system.svc:15010"),
+            Some(("ward.ward-system.svc".into(), 15010))
+        );
         assert_eq!(split_host_port("[::1]:15010"), Some(("::1".into(), 15010)));
         assert_eq!(split_host_port("evil\"\n:1"), None);
         assert_eq!(split_host_port("host"), None);

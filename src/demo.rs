@@ -20,7 +20,6 @@ use crate::translate::names::MESH_ALPN;
 const DEMO_MESH: &str = include_str!("../examples/local-mesh/mesh.yaml");
 
 const CLIENT_POD: (&str, &str) = ("demo", "client-0");
-const SERVER_POD: (&str, &str) = ("demo", "server-0");
 /// Where the client app listens (its pod's `ward.io/app-ip`, container port).
 const CLIENT_APP: &str = "127.0.1.10:8080";
 /// The client's own sidecar, outbound listener for `server` port 9080.
@@ -82,7 +81,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config_dir)?;
     std::fs::write(config_dir.join("mesh.yaml"), DEMO_MESH)?;
 
-    println!("Ward demo: a client and a server service on loopback, each with a real Envoy sidecar.");
+    println!(
+        "Ward demo: a client and a server service on loopback, each with a real Envoy sidecar."
+    );
     println!("  Envoy: {}", envoy.display());
     println!("  work dir: {}", work_dir.display());
     let client = ObjectKey::new(CLIENT_POD.0, CLIENT_POD.1);
@@ -100,10 +101,20 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         upstreams: BTreeMap::from([(client, CLIENT_OUTBOUND_TO_SERVER.to_string())]),
     };
     let mut mesh = LocalMesh::start(config).await?;
-    println!("  Ward: xDS on {} (mutual TLS), admin on http://{}", mesh.ward.xds_addr, mesh.ward.admin_addr);
+    println!(
+        "  Ward: xDS on {} (mutual TLS), admin on http://{}",
+        mesh.ward.xds_addr, mesh.ward.admin_addr
+    );
     let result = async {
         mesh.wait_converged(Duration::from_secs(30)).await?;
-        println!("  sidecars connected and configured: {}", mesh.sidecars.keys().map(|k| k.to_string()).collect::<Vec<_>>().join(", "));
+        println!(
+            "  sidecars connected and configured: {}",
+            mesh.sidecars
+                .keys()
+                .map(|k| k.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
         println!();
         checks(&mesh, &work_dir).await
     }
@@ -124,10 +135,18 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("\nThe mesh keeps running. Try:");
-    println!("  curl http://{CLIENT_APP}/call          # client app → its sidecar → mTLS → server sidecar → server app");
+    println!(
+        "  curl http://{CLIENT_APP}/call          # client app → its sidecar → mTLS → server sidecar → server app"
+    );
     println!("  curl http://{SERVER_INBOUND}/          # plaintext to the server sidecar: refused");
-    println!("  curl http://{}/debug/proxies    # what Ward serves and what Envoy ACKed", mesh.ward.admin_addr);
-    println!("  cargo run -- status --admin-addr {}", mesh.ward.admin_addr);
+    println!(
+        "  curl http://{}/debug/proxies    # what Ward serves and what Envoy ACKed",
+        mesh.ward.admin_addr
+    );
+    println!(
+        "  cargo run -- status --admin-addr {}",
+        mesh.ward.admin_addr
+    );
     println!("Press Ctrl-C to stop.");
     tokio::signal::ctrl_c().await?;
     mesh.stop().await;
@@ -164,7 +183,11 @@ async fn checks(mesh: &LocalMesh, work_dir: &std::path::Path) -> anyhow::Result<
                 ),
             );
         }
-        None => c.report(false, "client app → server app through the mesh", "no successful response within 10 s"),
+        None => c.report(
+            false,
+            "client app → server app through the mesh",
+            "no successful response within 10 s",
+        ),
     }
 
     // 2. Plaintext to the server sidecar's mesh port is refused.
@@ -187,7 +210,15 @@ async fn checks(mesh: &LocalMesh, work_dir: &std::path::Path) -> anyhow::Result<
         cert_pem: fake.cert_pem.clone(),
         key_pem: fake.key_pem.expose().to_string(),
     };
-    let forged = probe::tls_get(server_addr, "/", "server", Some(&fake), &ServerCheck::None, &[MESH_ALPN]).await;
+    let forged = probe::tls_get(
+        server_addr,
+        "/",
+        "server",
+        Some(&fake),
+        &ServerCheck::None,
+        &[MESH_ALPN],
+    )
+    .await;
     c.report(
         forged.is_err(),
         "the server sidecar refuses a client certificate from a foreign CA (claiming the client's SPIFFE ID)",
@@ -198,9 +229,20 @@ async fn checks(mesh: &LocalMesh, work_dir: &std::path::Path) -> anyhow::Result<
     );
 
     // 4. No client certificate at all is refused too.
-    let anonymous = probe::tls_get(server_addr, "/", "server", None, &ServerCheck::None, &[MESH_ALPN]).await;
+    let anonymous = probe::tls_get(
+        server_addr,
+        "/",
+        "server",
+        None,
+        &ServerCheck::None,
+        &[MESH_ALPN],
+    )
+    .await;
     c.report(
-        matches!(anonymous, Err(ProbeError::Handshake { .. } | ProbeError::NoResponse { .. })),
+        matches!(
+            anonymous,
+            Err(ProbeError::Handshake { .. } | ProbeError::NoResponse { .. })
+        ),
         "the server sidecar refuses TLS without a client certificate",
         &match &anonymous {
             Err(e) => format!("refused: {e}"),
@@ -210,7 +252,10 @@ async fn checks(mesh: &LocalMesh, work_dir: &std::path::Path) -> anyhow::Result<
 
     // 5. The server presents Ward's certificate for its SPIFFE ID.
     let probe_id = SpiffeId::new(td, "demo", "ward-demo-probe");
-    let own = mesh.ward.authority.issue_workload(&probe_id, Duration::from_secs(600))?;
+    let own = mesh
+        .ward
+        .authority
+        .issue_workload(&probe_id, Duration::from_secs(600))?;
     let own = ClientCert {
         cert_pem: own.cert_pem.clone(),
         key_pem: own.key_pem.expose().to_string(),
@@ -228,10 +273,19 @@ async fn checks(mesh: &LocalMesh, work_dir: &std::path::Path) -> anyhow::Result<
                 ),
                 _ => "no server certificate".into(),
             };
-            let ok = matches!(&leaf, Some(Ok(info)) if info.uri_sans == [server_id.uri()]) && reply.status == 200;
-            c.report(ok, "with a mesh certificate, the server sidecar answers and proves its identity", &detail);
+            let ok = matches!(&leaf, Some(Ok(info)) if info.uri_sans == [server_id.uri()])
+                && reply.status == 200;
+            c.report(
+                ok,
+                "with a mesh certificate, the server sidecar answers and proves its identity",
+                &detail,
+            );
         }
-        Err(e) => c.report(false, "with a mesh certificate, the server sidecar answers", &e.to_string()),
+        Err(e) => c.report(
+            false,
+            "with a mesh certificate, the server sidecar answers",
+            &e.to_string(),
+        ),
     }
 
     // 6. What each Envoy holds, from its own admin API.
@@ -269,8 +323,23 @@ fn describe_envoy_certs(body: &str) -> Result<(Vec<String>, String), String> {
                 .collect();
             let expires = cert["expiration_time"].as_str().unwrap_or("?");
             let serial = cert["serial_number"].as_str().unwrap_or("?");
-            lines.push(format!("{} serial {serial} expires {expires}", sans.join(",")));
-            ids.extend(sans);
+            // Envoy lists a certificate once per TLS context that uses it.
+            if lines.iter().any(|l: &String| l.contains(serial)) {
+                continue;
+            }
+            let role = if cert["path"]
+                .as_str()
+                .is_some_and(|p| p.ends_with(crate::bootstrap::CERT_FILE))
+            {
+                "xDS credential (bootstrap)"
+            } else {
+                ids.extend(sans.iter().cloned());
+                "workload certificate (SDS)"
+            };
+            lines.push(format!(
+                "{role}: {} serial {serial} expires {expires}",
+                sans.join(",")
+            ));
         }
     }
     Ok((ids, lines.join("\n")))

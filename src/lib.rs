@@ -26,16 +26,16 @@
 //! - [`admin`]: HTTP health, readiness, metrics and debug endpoints.
 //! - [`app`]: wiring: spawns every task and shuts them down together.
 
-pub mod metrics;
-pub mod model;
-pub mod translate;
 pub mod admin;
-pub mod ca;
-pub mod discovery;
-pub mod xds;
 pub mod app;
 pub mod bootstrap;
+pub mod ca;
 pub mod demo;
+pub mod discovery;
 pub mod local;
+pub mod metrics;
+pub mod model;
 pub mod probe;
 pub mod sample_app;
+pub mod translate;
+pub mod xds;

@@ -198,7 +198,13 @@ impl LocalMesh {
         let child = Command::new(&self.config.envoy)
             .arg("-c")
             .arg(&files.bootstrap)
-            .args(["--concurrency", "1", "--disable-hot-restart", "--log-level", "info"])
+            .args([
+                "--concurrency",
+                "1",
+                "--disable-hot-restart",
+                "--log-level",
+                "info",
+            ])
             .arg("--log-path")
             .arg(&log)
             .stdin(Stdio::null())
@@ -225,13 +231,24 @@ impl LocalMesh {
         for (pod, sidecar) in self.sidecars.iter_mut() {
             loop {
                 if !sidecar.is_running() {
-                    bail!("Envoy for {pod} exited; its log ends with:\n{}", sidecar.log_tail());
+                    bail!(
+                        "Envoy for {pod} exited; its log ends with:\n{}",
+                        sidecar.log_tail()
+                    );
                 }
-                let live = sidecar.admin_get("/ready").await.map(|b| b.trim() == "LIVE").unwrap_or(false);
+                let live = sidecar
+                    .admin_get("/ready")
+                    .await
+                    .map(|b| b.trim() == "LIVE")
+                    .unwrap_or(false);
                 let synced = self.ward.registry.list().iter().any(|p| {
                     p.pod == pod.to_string()
-                        && ["cds", "lds", "sds"].iter().all(|t| p.types.contains_key(t))
-                        && p.types.values().all(|t| t.sent_version.is_some() && t.sent_version == t.acked_version)
+                        && ["cds", "lds", "sds"]
+                            .iter()
+                            .all(|t| p.types.contains_key(t))
+                        && p.types
+                            .values()
+                            .all(|t| t.sent_version.is_some() && t.sent_version == t.acked_version)
                 });
                 if live && synced {
                     break;

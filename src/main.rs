@@ -13,7 +13,11 @@ use ward::discovery::DirSource;
 use ward::model::{DEFAULT_TRUST_DOMAIN, ObjectKey};
 
 #[derive(Parser)]
-#[command(name = "ward", version, about = "Mutual TLS for every service in the mesh: an Envoy xDS control plane with a built-in CA")]
+#[command(
+    name = "ward",
+    version,
+    about = "Mutual TLS for every service in the mesh: an Envoy xDS control plane with a built-in CA"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -130,7 +134,10 @@ struct SampleAppArgs {
 
 fn init_tracing() {
     let filter = EnvFilter::try_from_env("WARD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 #[tokio::main]
@@ -158,10 +165,16 @@ async fn main() -> anyhow::Result<()> {
 
 async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     if !(0.0..1.0).contains(&a.rotate_at) || a.rotate_at == 0.0 {
-        bail!("--rotate-at {}: must be between 0 and 1 (exclusive)", a.rotate_at);
+        bail!(
+            "--rotate-at {}: must be between 0 and 1 (exclusive)",
+            a.rotate_at
+        );
     }
     if !(0.0..0.5).contains(&a.rotate_jitter) {
-        bail!("--rotate-jitter {}: must be between 0 and 0.5", a.rotate_jitter);
+        bail!(
+            "--rotate-jitter {}: must be between 0 and 0.5",
+            a.rotate_jitter
+        );
     }
     let cfg = ServeConfig {
         config_dir: a.common.config_dir,
@@ -221,9 +234,17 @@ fn bootstrap(a: BootstrapArgs) -> anyhow::Result<()> {
     let files = ward::bootstrap::write(&opts, &mesh, authority.as_ref(), &a.out)?;
     println!("wrote {}", files.bootstrap.display());
     if let Some((cert, key, ca)) = &files.credential {
-        println!("wrote {} {} (0600) {}", cert.display(), key.display(), ca.display());
+        println!(
+            "wrote {} {} (0600) {}",
+            cert.display(),
+            key.display(),
+            ca.display()
+        );
     }
-    println!("run: envoy -c {} --concurrency 1", files.bootstrap.display());
+    println!(
+        "run: envoy -c {} --concurrency 1",
+        files.bootstrap.display()
+    );
     Ok(())
 }
 
@@ -237,15 +258,34 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
         .with_context(|| format!("is Ward running with --admin-addr {}?", a.admin_addr))?
         .json()
         .await?;
-    let certs: serde_json::Value = client.get(format!("{base}/debug/certs")).send().await?.json().await?;
+    let certs: serde_json::Value = client
+        .get(format!("{base}/debug/certs"))
+        .send()
+        .await?
+        .json()
+        .await?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"proxies": proxies["proxies"], "certificates": certs["certificates"]}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"proxies": proxies["proxies"], "certificates": certs["certificates"]})
+            )?
+        );
         return Ok(());
     }
     let list = proxies["proxies"].as_array().cloned().unwrap_or_default();
-    println!("{} connected prox{}", list.len(), if list.len() == 1 { "y" } else { "ies" });
+    println!(
+        "{} connected prox{}",
+        list.len(),
+        if list.len() == 1 { "y" } else { "ies" }
+    );
     for p in &list {
-        println!("  {}  {}  peer {}", p["pod"].as_str().unwrap_or("?"), p["identity"].as_str().unwrap_or("?"), p["peer"].as_str().unwrap_or("?"));
+        println!(
+            "  {}  {}  peer {}",
+            p["pod"].as_str().unwrap_or("?"),
+            p["identity"].as_str().unwrap_or("?"),
+            p["peer"].as_str().unwrap_or("?")
+        );
         if let Some(types) = p["types"].as_object() {
             for (ty, t) in types {
                 let acked = t["acked_version"].as_str().unwrap_or("-");
@@ -253,14 +293,22 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
                 let state = if acked == sent { "in sync" } else { "pending" };
                 print!("    {ty}: acked {acked} ({state})");
                 if let Some(n) = t["last_nack"].as_object() {
-                    print!("; last NACK of {}: {}", n["version"].as_str().unwrap_or("?"), n["message"].as_str().unwrap_or("?"));
+                    print!(
+                        "; last NACK of {}: {}",
+                        n["version"].as_str().unwrap_or("?"),
+                        n["message"].as_str().unwrap_or("?")
+                    );
                 }
                 println!();
             }
         }
     }
     if let Some(list) = certs["certificates"].as_array() {
-        println!("{} certificate{}", list.len(), if list.len() == 1 { "" } else { "s" });
+        println!(
+            "{} certificate{}",
+            list.len(),
+            if list.len() == 1 { "" } else { "s" }
+        );
         for c in list {
             println!("  {}", serde_json::to_string(c)?);
         }

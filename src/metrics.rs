@@ -6,10 +6,10 @@ use std::fmt;
 use std::sync::Mutex;
 
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
-use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 /// Label set for per-xDS-type metrics (`type="cds"` ...).
@@ -128,7 +128,12 @@ impl Sampled {
         help: &'static str,
         read: impl Fn() -> f64 + Send + Sync + 'static,
     ) -> Self {
-        Self { name, help, kind: MetricType::Counter, read: Box::new(read) }
+        Self {
+            name,
+            help,
+            kind: MetricType::Counter,
+            read: Box::new(read),
+        }
     }
 
     pub fn gauge(
@@ -136,7 +141,12 @@ impl Sampled {
         help: &'static str,
         read: impl Fn() -> f64 + Send + Sync + 'static,
     ) -> Self {
-        Self { name, help, kind: MetricType::Gauge, read: Box::new(read) }
+        Self {
+            name,
+            help,
+            kind: MetricType::Gauge,
+            read: Box::new(read),
+        }
     }
 }
 
@@ -160,9 +170,16 @@ mod tests {
     fn exposition_contains_owned_and_sampled_metrics() {
         let m = Metrics::new();
         m.pushes.get_or_create(&TypeLabels { r#type: "cds" }).inc();
-        m.register_sampled(Sampled::counter("certs_issued", "Certificates issued", || 7.0));
+        m.register_sampled(Sampled::counter(
+            "certs_issued",
+            "Certificates issued",
+            || 7.0,
+        ));
         let text = m.encode().unwrap();
-        assert!(text.contains("ward_xds_pushes_total{type=\"cds\"} 1"), "{text}");
+        assert!(
+            text.contains("ward_xds_pushes_total{type=\"cds\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("ward_certs_issued_total 7"), "{text}");
     }
 }

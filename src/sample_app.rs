@@ -6,10 +6,10 @@
 
 use std::net::SocketAddr;
 
+use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::get;
-use axum::Router;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -65,6 +65,9 @@ async fn call(State(s): State<AppState>) -> (StatusCode, String) {
             let code = StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
             (code, format!("{} called {url}: {body}", s.name))
         }
-        Err(e) => (StatusCode::BAD_GATEWAY, format!("{} calling {url}: {e}\n", s.name)),
+        Err(e) => (
+            StatusCode::BAD_GATEWAY,
+            format!("{} calling {url}: {e}\n", s.name),
+        ),
     }
 }

@@ -63,7 +63,8 @@ async fn start_mesh(dir: &std::path::Path) -> LocalMesh {
     let config_dir = dir.join("config");
     std::fs::create_dir_all(&config_dir).unwrap();
     std::fs::write(config_dir.join("mesh.yaml"), MESH).unwrap();
-    let envoy = find_envoy(None).expect("Envoy 1.40 is required for end-to-end tests: run ./dev, or set ENVOY_BIN");
+    let envoy = find_envoy(None)
+        .expect("Envoy 1.40 is required for end-to-end tests: run ./dev, or set ENVOY_BIN");
     let config = LocalMeshConfig {
         work_dir: dir.to_path_buf(),
         config_dir,
@@ -78,7 +79,9 @@ async fn start_mesh(dir: &std::path::Path) -> LocalMesh {
         )]),
     };
     let mut mesh = LocalMesh::start(config).await.expect("mesh starts");
-    mesh.wait_converged(Duration::from_secs(30)).await.expect("sidecars converge");
+    mesh.wait_converged(Duration::from_secs(30))
+        .await
+        .expect("sidecars converge");
     mesh
 }
 
@@ -110,7 +113,10 @@ async fn local_mesh_with_real_envoy() {
     .await
     .expect("client → server through the mesh");
     assert!(body.contains("hello from server-0"), "{body}");
-    assert!(body.contains("caller spiffe://cluster.local/ns/e2e/sa/client"), "{body}");
+    assert!(
+        body.contains("caller spiffe://cluster.local/ns/e2e/sa/client"),
+        "{body}"
+    );
 
     // Plaintext to the inbound port is refused.
     let plain = probe::plaintext_get(server, "/", "server").await;
@@ -119,17 +125,36 @@ async fn local_mesh_with_real_envoy() {
     // A client certificate from another CA (claiming the client's id) is refused.
     let foreign = ward::ca::Authority::load_or_generate(&tmp.path().join("foreign"), TD).unwrap();
     let fake = foreign
-        .issue_workload(&SpiffeId::new(TD, "e2e", "client"), Duration::from_secs(600))
+        .issue_workload(
+            &SpiffeId::new(TD, "e2e", "client"),
+            Duration::from_secs(600),
+        )
         .unwrap();
     let fake = ClientCert {
         cert_pem: fake.cert_pem.clone(),
         key_pem: fake.key_pem.expose().to_string(),
     };
-    let forged = probe::tls_get(server, "/", "server", Some(&fake), &ServerCheck::None, &[MESH_ALPN]).await;
+    let forged = probe::tls_get(
+        server,
+        "/",
+        "server",
+        Some(&fake),
+        &ServerCheck::None,
+        &[MESH_ALPN],
+    )
+    .await;
     assert!(forged.is_err(), "foreign CA accepted: {forged:?}");
 
     // No client certificate: refused.
-    let anon = probe::tls_get(server, "/", "server", None, &ServerCheck::None, &[MESH_ALPN]).await;
+    let anon = probe::tls_get(
+        server,
+        "/",
+        "server",
+        None,
+        &ServerCheck::None,
+        &[MESH_ALPN],
+    )
+    .await;
     assert!(anon.is_err(), "anonymous TLS accepted: {anon:?}");
 
     // A mesh certificate works, and the server proves the right identity.
@@ -157,7 +182,15 @@ fn check_with_openssl(mesh: &LocalMesh, dir: &std::path::Path, client: &ClientCe
     std::fs::write(&cert, &client.cert_pem).unwrap();
     std::fs::write(&key, &client.key_pem).unwrap();
     let out = Command::new("openssl")
-        .args(["s_client", "-connect", SERVER_INBOUND, "-verify_return_error", "-showcerts", "-alpn", MESH_ALPN])
+        .args([
+            "s_client",
+            "-connect",
+            SERVER_INBOUND,
+            "-verify_return_error",
+            "-showcerts",
+            "-alpn",
+            MESH_ALPN,
+        ])
         .arg("-CAfile")
         .arg(&root)
         .arg("-cert")
@@ -168,8 +201,14 @@ fn check_with_openssl(mesh: &LocalMesh, dir: &std::path::Path, client: &ClientCe
         .output()
         .expect("openssl is installed (.ci/run installs it)");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("Verify return code: 0 (ok)"), "openssl s_client:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
-    let pem_start = text.find("-----BEGIN CERTIFICATE-----").expect("server certificate shown");
+    assert!(
+        text.contains("Verify return code: 0 (ok)"),
+        "openssl s_client:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pem_start = text
+        .find("-----BEGIN CERTIFICATE-----")
+        .expect("server certificate shown");
     let pem_end = text[pem_start..].find("-----END CERTIFICATE-----").unwrap() + pem_start + 25;
     let leaf = dir.join("server-leaf.pem");
     std::fs::write(&leaf, &text[pem_start..pem_end]).unwrap();
@@ -179,7 +218,10 @@ fn check_with_openssl(mesh: &LocalMesh, dir: &std::path::Path, client: &ClientCe
         .output()
         .unwrap();
     let x509 = String::from_utf8_lossy(&x509.stdout);
-    assert!(x509.contains("URI:spiffe://cluster.local/ns/e2e/sa/server"), "{x509}");
+    assert!(
+        x509.contains("URI:spiffe://cluster.local/ns/e2e/sa/server"),
+        "{x509}"
+    );
     let verify = Command::new("openssl")
         .arg("verify")
         .arg("-CAfile")
@@ -187,14 +229,19 @@ fn check_with_openssl(mesh: &LocalMesh, dir: &std::path::Path, client: &ClientCe
         .arg(&leaf)
         .output()
         .unwrap();
-    assert!(verify.status.success(), "openssl verify: {}", String::from_utf8_lossy(&verify.stdout));
+    assert!(
+        verify.status.success(),
+        "openssl verify: {}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
 }
 
 /// Envoy's own view: every resource active, nothing warming, nothing rejected.
 async fn check_envoy_admin(mesh: &LocalMesh) {
     for (pod, sidecar) in &mesh.sidecars {
         let dump: serde_json::Value =
-            serde_json::from_str(&sidecar.admin_get("/config_dump?include_eds").await.unwrap()).unwrap();
+            serde_json::from_str(&sidecar.admin_get("/config_dump?include_eds").await.unwrap())
+                .unwrap();
         let configs = dump["configs"].as_array().unwrap();
         let by_type = |suffix: &str| {
             configs
@@ -204,20 +251,33 @@ async fn check_envoy_admin(mesh: &LocalMesh) {
                 .unwrap_or_default()
         };
         let listeners = by_type("ListenersConfigDump");
-        let active = listeners["dynamic_listeners"].as_array().cloned().unwrap_or_default();
+        let active = listeners["dynamic_listeners"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         assert!(!active.is_empty(), "{pod}: listeners");
         for l in &active {
-            assert!(l["active_state"].is_object(), "{pod}: listener not active: {l}");
+            assert!(
+                l["active_state"].is_object(),
+                "{pod}: listener not active: {l}"
+            );
             assert!(l["warming_state"].is_null(), "{pod}: listener warming: {l}");
             assert!(l["error_state"].is_null(), "{pod}: listener error: {l}");
         }
         let clusters = by_type("ClustersConfigDump");
         assert!(
-            clusters["dynamic_warming_clusters"].as_array().is_none_or(|a| a.is_empty()),
+            clusters["dynamic_warming_clusters"]
+                .as_array()
+                .is_none_or(|a| a.is_empty()),
             "{pod}: warming clusters: {}",
             clusters["dynamic_warming_clusters"]
         );
-        assert!(!clusters["dynamic_active_clusters"].as_array().unwrap().is_empty());
+        assert!(
+            !clusters["dynamic_active_clusters"]
+                .as_array()
+                .unwrap()
+                .is_empty()
+        );
         let secrets = by_type("SecretsConfigDump");
         let names: Vec<&str> = secrets["dynamic_active_secrets"]
             .as_array()
@@ -225,15 +285,26 @@ async fn check_envoy_admin(mesh: &LocalMesh) {
             .iter()
             .filter_map(|s| s["name"].as_str())
             .collect();
-        assert!(names.contains(&"default") && names.contains(&"ROOTCA"), "{pod}: secrets {names:?}");
         assert!(
-            secrets["dynamic_warming_secrets"].as_array().is_none_or(|a| a.is_empty()),
+            names.contains(&"default") && names.contains(&"ROOTCA"),
+            "{pod}: secrets {names:?}"
+        );
+        assert!(
+            secrets["dynamic_warming_secrets"]
+                .as_array()
+                .is_none_or(|a| a.is_empty()),
             "{pod}: warming secrets"
         );
         // Keys never appear in Envoy's dump either (Envoy redacts them).
-        assert!(!dump.to_string().contains("BEGIN PRIVATE KEY"), "{pod}: key in config dump");
+        assert!(
+            !dump.to_string().contains("BEGIN PRIVATE KEY"),
+            "{pod}: key in config dump"
+        );
 
-        let stats = sidecar.admin_get("/stats?filter=update_rejected").await.unwrap();
+        let stats = sidecar
+            .admin_get("/stats?filter=update_rejected")
+            .await
+            .unwrap();
         for line in stats.lines() {
             assert!(line.ends_with(": 0"), "{pod}: rejected update: {line}");
         }

@@ -18,16 +18,23 @@ async fn ward() -> Ward {
 }
 
 async fn client_stream(w: &Ward) -> Ads {
-    Ads::connect(w, Some(w.credential("demo/client-0", "client")), "demo/client-0")
-        .await
-        .expect("connects")
+    Ads::connect(
+        w,
+        Some(w.credential("demo/client-0", "client")),
+        "demo/client-0",
+    )
+    .await
+    .expect("connects")
 }
 
 fn assert_well_formed(resp: &envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse) {
     assert!(!resp.nonce.is_empty(), "nonce set");
     assert!(!resp.version_info.is_empty(), "version set");
     for any in &resp.resources {
-        assert_eq!(any.type_url, resp.type_url, "every Any has the response's type_url");
+        assert_eq!(
+            any.type_url, resp.type_url,
+            "every Any has the response's type_url"
+        );
     }
     let names = resource_names(resp);
     let unique: BTreeSet<_> = names.iter().collect();
@@ -58,7 +65,8 @@ async fn responses_follow_nonce_version_and_type_url_rules() {
     assert_eq!(resource_names(&sds), ["ROOTCA", "default"]);
     nonces.insert(sds.nonce.clone());
 
-    ads.request(t::ENDPOINT, &["outbound|demo|server|9080"], "", "").await;
+    ads.request(t::ENDPOINT, &["outbound|demo|server|9080"], "", "")
+        .await;
     let eds = ads.recv().await;
     assert_well_formed(&eds);
     assert_eq!(resource_names(&eds), ["outbound|demo|server|9080"]);
@@ -72,7 +80,8 @@ async fn sds_answers_exactly_the_requested_names_and_only_own_identity() {
     use prost::Message;
     let w = ward().await;
     let mut ads = client_stream(&w).await;
-    ads.request(t::SECRET, &["default", "no-such-secret"], "", "").await;
+    ads.request(t::SECRET, &["default", "no-such-secret"], "", "")
+        .await;
     let sds = ads.recv().await;
     assert_eq!(resource_names(&sds), ["default"]);
     let secret = Secret::decode(sds.resources[0].value.as_slice()).unwrap();
@@ -95,12 +104,17 @@ async fn nack_is_recorded_and_the_rejected_version_is_not_resent() {
     let mut ads = client_stream(&w).await;
     ads.request(t::LISTENER, &[], "", "").await;
     let lds = ads.recv().await;
-    ads.nack(t::LISTENER, &[], &lds.nonce, "listener rejected: test").await;
+    ads.nack(t::LISTENER, &[], &lds.nonce, "listener rejected: test")
+        .await;
     // Ask for something else: if the rejected LDS were resent it would come
     // first, since the stream answers in order.
     ads.request(t::CLUSTER, &[], "", "").await;
     let next = ads.recv().await;
-    assert_eq!(next.type_url, t::CLUSTER, "the rejected listener version is not resent");
+    assert_eq!(
+        next.type_url,
+        t::CLUSTER,
+        "the rejected listener version is not resent"
+    );
 
     let proxies = eventually(Duration::from_secs(5), || async {
         let v = w.get_json("/debug/proxies").await;
@@ -111,12 +125,26 @@ async fn nack_is_recorded_and_the_rejected_version_is_not_resent() {
     .expect("NACK shows in /debug/proxies");
     let p = &proxies["proxies"][0];
     assert_eq!(p["pod"], "demo/client-0");
-    assert_eq!(p["types"]["lds"]["last_nack"]["message"], "listener rejected: test");
-    assert_eq!(p["types"]["lds"]["last_nack"]["version"], lds.version_info.as_str());
+    assert_eq!(
+        p["types"]["lds"]["last_nack"]["message"],
+        "listener rejected: test"
+    );
+    assert_eq!(
+        p["types"]["lds"]["last_nack"]["version"],
+        lds.version_info.as_str()
+    );
     assert!(p["types"]["lds"]["acked_version"].is_null());
 
-    let metrics = reqwest::get(format!("{}/metrics", w.admin())).await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("ward_xds_nacks_total{type=\"lds\"} 1"), "{metrics}");
+    let metrics = reqwest::get(format!("{}/metrics", w.admin()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("ward_xds_nacks_total{type=\"lds\"} 1"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -126,7 +154,9 @@ async fn a_reconnect_receives_the_full_subscribed_state() {
     first.request(t::CLUSTER, &[], "", "").await;
     let cds = first.recv().await;
     first.ack(&cds, &[]).await;
-    first.request(t::SECRET, &["default", "ROOTCA"], "", "").await;
+    first
+        .request(t::SECRET, &["default", "ROOTCA"], "", "")
+        .await;
     let sds = first.recv().await;
     drop(first);
 
@@ -136,7 +166,9 @@ async fn a_reconnect_receives_the_full_subscribed_state() {
     let cds2 = again.recv().await;
     assert_eq!(resource_names(&cds2), resource_names(&cds));
     assert_eq!(cds2.version_info, cds.version_info);
-    again.request(t::SECRET, &["default", "ROOTCA"], &sds.version_info, "").await;
+    again
+        .request(t::SECRET, &["default", "ROOTCA"], &sds.version_info, "")
+        .await;
     let sds2 = again.recv().await;
     assert_eq!(resource_names(&sds2), ["ROOTCA", "default"]);
     // The certificate survived the reconnect: no needless re-issue.
@@ -147,16 +179,31 @@ async fn a_reconnect_receives_the_full_subscribed_state() {
 async fn another_pods_credential_gets_nothing() {
     let w = ward().await;
     // The server's credential, claiming to be the client.
-    let mut ads = Ads::connect(&w, Some(w.credential("demo/server-0", "server")), "demo/client-0")
-        .await
-        .expect("TLS connects");
+    let mut ads = Ads::connect(
+        &w,
+        Some(w.credential("demo/server-0", "server")),
+        "demo/client-0",
+    )
+    .await
+    .expect("TLS connects");
     ads.request(t::SECRET, &["default"], "", "").await;
     let err = ads.recv_err().await;
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
     assert!(err.message().contains("demo/server-0"), "{}", err.message());
-    let metrics = reqwest::get(format!("{}/metrics", w.admin())).await.unwrap().text().await.unwrap();
+    let metrics = reqwest::get(format!("{}/metrics", w.admin()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(metrics.contains("reason=\"node_id_mismatch\""), "{metrics}");
-    assert_eq!(w.get_json("/debug/proxies").await["proxies"].as_array().unwrap().len(), 0);
+    assert_eq!(
+        w.get_json("/debug/proxies").await["proxies"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
 }
 
 #[tokio::test]
@@ -175,7 +222,11 @@ async fn a_connection_without_a_credential_is_refused() {
 async fn a_workload_certificate_is_not_an_xds_credential() {
     let w = ward().await;
     let id = ward::model::SpiffeId::new("cluster.local", "demo", "client");
-    let leaf = w.running.authority.issue_workload(&id, Duration::from_secs(600)).unwrap();
+    let leaf = w
+        .running
+        .authority
+        .issue_workload(&id, Duration::from_secs(600))
+        .unwrap();
     let cred = (leaf.cert_pem.clone(), leaf.key_pem.expose().to_string());
     let outcome = async {
         let mut ads = Ads::connect(&w, Some(cred), "demo/client-0").await?;
@@ -185,7 +236,10 @@ async fn a_workload_certificate_is_not_an_xds_credential() {
     .await;
     let err = outcome.unwrap_err();
     assert!(
-        matches!(err.code(), tonic::Code::Unauthenticated | tonic::Code::Unavailable),
+        matches!(
+            err.code(),
+            tonic::Code::Unauthenticated | tonic::Code::Unavailable
+        ),
         "{err:?}"
     );
 }
@@ -218,6 +272,16 @@ status: {podIP: 127.0.0.21}
     use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
     use prost::Message;
     let cla = ClusterLoadAssignment::decode(pushed.resources[0].value.as_slice()).unwrap();
-    assert_eq!(cla.endpoints.iter().map(|l| l.lb_endpoints.len()).sum::<usize>(), 2);
-    assert!(start.elapsed() < Duration::from_secs(1), "edit reached the proxy in {:?}", start.elapsed());
+    assert_eq!(
+        cla.endpoints
+            .iter()
+            .map(|l| l.lb_endpoints.len())
+            .sum::<usize>(),
+        2
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "edit reached the proxy in {:?}",
+        start.elapsed()
+    );
 }

@@ -60,7 +60,11 @@ async fn readyz(State(s): State<AdminState>) -> Response {
     if status.synced {
         (StatusCode::OK, "ready\n").into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "discovery has not synced yet\n").into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "discovery has not synced yet\n",
+        )
+            .into_response()
     }
 }
 

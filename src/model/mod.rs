@@ -335,7 +335,10 @@ mod tests {
     #[test]
     fn protocol_detection_follows_kubernetes_conventions() {
         assert_eq!(Protocol::detect(Some("http"), None), Protocol::Http);
-        assert_eq!(Protocol::detect(Some("kubernetes.io/h2c"), None), Protocol::Http);
+        assert_eq!(
+            Protocol::detect(Some("kubernetes.io/h2c"), None),
+            Protocol::Http
+        );
         assert_eq!(Protocol::detect(Some("grpc"), Some("tcp")), Protocol::Http);
         assert_eq!(Protocol::detect(Some("tcp"), Some("http")), Protocol::Tcp);
         assert_eq!(Protocol::detect(None, Some("http-web")), Protocol::Http);
@@ -368,11 +371,17 @@ mod tests {
     fn workload(ns: &str, name: &str, sa: &str, labels: &[(&str, &str)]) -> Workload {
         Workload {
             key: ObjectKey::new(ns, name),
-            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             service_account: sa.into(),
             ip: "127.0.0.10".parse().unwrap(),
             ready: true,
-            ports: vec![ContainerPort { name: Some("web".into()), port: 8080 }],
+            ports: vec![ContainerPort {
+                name: Some("web".into()),
+                port: 8080,
+            }],
             app_ip: "127.0.0.1".parse().unwrap(),
             outbound_ip: "127.0.0.10".parse().unwrap(),
         }
@@ -385,10 +394,18 @@ mod tests {
             ports: vec![],
             selector: [("app".to_string(), "server".to_string())].into(),
         };
-        assert!(svc.selects(&workload("demo", "s-1", "server", &[("app", "server"), ("x", "y")])));
+        assert!(svc.selects(&workload(
+            "demo",
+            "s-1",
+            "server",
+            &[("app", "server"), ("x", "y")]
+        )));
         assert!(!svc.selects(&workload("other", "s-1", "server", &[("app", "server")])));
         assert!(!svc.selects(&workload("demo", "c-1", "client", &[("app", "client")])));
-        let no_selector = Service { selector: BTreeMap::new(), ..svc };
+        let no_selector = Service {
+            selector: BTreeMap::new(),
+            ..svc
+        };
         assert!(!no_selector.selects(&workload("demo", "s-1", "server", &[("app", "server")])));
     }
 
@@ -396,7 +413,13 @@ mod tests {
     fn target_port_resolution() {
         let w = workload("demo", "s-1", "server", &[]);
         assert_eq!(w.resolve_target_port(&TargetPort::Number(9000)), Some(9000));
-        assert_eq!(w.resolve_target_port(&TargetPort::Name("web".into())), Some(8080));
-        assert_eq!(w.resolve_target_port(&TargetPort::Name("nope".into())), None);
+        assert_eq!(
+            w.resolve_target_port(&TargetPort::Name("web".into())),
+            Some(8080)
+        );
+        assert_eq!(
+            w.resolve_target_port(&TargetPort::Name("nope".into())),
+            None
+        );
     }
 }

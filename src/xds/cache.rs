@@ -45,7 +45,14 @@ impl MeshCache {
             generation: 1,
         });
         let (tx, rx) = watch::channel(first);
-        (Self { trust_domain, meshes, tx }, rx)
+        (
+            Self {
+                trust_domain,
+                meshes,
+                tx,
+            },
+            rx,
+        )
     }
 
     pub async fn run(mut self, shutdown: CancellationToken) {
@@ -83,22 +90,27 @@ pub fn proxy_snapshot(
     pod: &ObjectKey,
     cert: &WorkloadCert,
 ) -> Result<ProxyResources, TranslateError> {
-    let mut resources = match translate::proxy_resources_with(&view.mesh, &view.shared, trust_domain, pod) {
-        Ok(out) => {
-            for w in &out.warnings {
-                tracing::warn!(pod = %pod, "{w}");
+    let mut resources =
+        match translate::proxy_resources_with(&view.mesh, &view.shared, trust_domain, pod) {
+            Ok(out) => {
+                for w in &out.warnings {
+                    tracing::warn!(pod = %pod, "{w}");
+                }
+                out.resources
             }
-            out.resources
-        }
-        Err(TranslateError::UnknownProxy(_)) => {
-            let mut r = ProxyResources::default();
-            r.by_type.insert(type_url::LISTENER, Default::default());
-            r.by_type.insert(type_url::CLUSTER, Default::default());
-            r
-        }
-        Err(e) => return Err(e),
-    };
-    let secrets = translate::secrets(&cert.cert_pem, cert.key_pem.expose(), &cert.trust_bundle_pem);
+            Err(TranslateError::UnknownProxy(_)) => {
+                let mut r = ProxyResources::default();
+                r.by_type.insert(type_url::LISTENER, Default::default());
+                r.by_type.insert(type_url::CLUSTER, Default::default());
+                r
+            }
+            Err(e) => return Err(e),
+        };
+    let secrets = translate::secrets(
+        &cert.cert_pem,
+        cert.key_pem.expose(),
+        &cert.trust_bundle_pem,
+    );
     let secret_map = resources.by_type.entry(type_url::SECRET).or_default();
     for s in secrets {
         secret_map.insert(s.name.clone(), Arc::new(s));

@@ -159,7 +159,10 @@ impl AdsService {
             Status::unauthenticated(msg)
         };
         let certs = request.peer_certs().ok_or_else(|| {
-            refuse("no_client_cert", "a client certificate from `ward bootstrap` is required".into())
+            refuse(
+                "no_client_cert",
+                "a client certificate from `ward bootstrap` is required".into(),
+            )
         })?;
         let leaf = certs
             .first()
@@ -199,7 +202,11 @@ async fn run_stream(
         Some(Err(e)) => return Err(Status::cancelled(format!("stream error: {e}"))),
         None => return Ok(()),
     };
-    let node_id = first.node.as_ref().map(|n| n.id.as_str()).unwrap_or_default();
+    let node_id = first
+        .node
+        .as_ref()
+        .map(|n| n.id.as_str())
+        .unwrap_or_default();
     let pod = names::parse_node_id(node_id).ok_or_else(|| {
         Status::invalid_argument(format!(
             "node.id {node_id:?} is not NAMESPACE/NAME of a pod (use `ward bootstrap`)"
@@ -210,7 +217,9 @@ async fn run_stream(
         Some(p) if p.pod != pod => {
             ctx.metrics
                 .xds_auth_failures
-                .get_or_create(&ReasonLabels { reason: "node_id_mismatch" })
+                .get_or_create(&ReasonLabels {
+                    reason: "node_id_mismatch",
+                })
                 .inc();
             return Err(Status::permission_denied(format!(
                 "credential is for pod {} but node.id claims {pod}; no configuration or secrets are served",
@@ -247,7 +256,11 @@ async fn run_stream(
         types: Default::default(),
     });
     ctx.metrics.connected_proxies.inc();
-    let _guard = StreamGuard { ctx, stream, pod: pod.clone() };
+    let _guard = StreamGuard {
+        ctx,
+        stream,
+        pod: pod.clone(),
+    };
     tracing::info!(pod = %pod, identity = %id, stream, "proxy connected");
 
     let build = |snapshots: &mut watch::Receiver<Arc<MeshSnapshot>>,
@@ -301,7 +314,10 @@ async fn run_stream(
         };
         for resp in responses {
             let short = type_url::short(&resp.type_url);
-            ctx.metrics.pushes.get_or_create(&TypeLabels { r#type: short }).inc();
+            ctx.metrics
+                .pushes
+                .get_or_create(&TypeLabels { r#type: short })
+                .inc();
             let version = resp.version_info.clone();
             ctx.registry.update(stream, short, |t| {
                 t.sent_version = Some(version);
@@ -314,18 +330,30 @@ async fn run_stream(
     }
 }
 
-fn record_request(ctx: &XdsContext, stream: u64, pod: &ObjectKey, type_url: &str, kind: &RequestKind) {
+fn record_request(
+    ctx: &XdsContext,
+    stream: u64,
+    pod: &ObjectKey,
+    type_url: &str,
+    kind: &RequestKind,
+) {
     let short = type_url::short(type_url);
     match kind {
         RequestKind::Ack { version } => {
-            ctx.metrics.acks.get_or_create(&TypeLabels { r#type: short }).inc();
+            ctx.metrics
+                .acks
+                .get_or_create(&TypeLabels { r#type: short })
+                .inc();
             ctx.registry.update(stream, short, |t| {
                 t.acked_version = Some(version.clone());
                 t.acks += 1;
             });
         }
         RequestKind::Nack { version, message } => {
-            ctx.metrics.nacks.get_or_create(&TypeLabels { r#type: short }).inc();
+            ctx.metrics
+                .nacks
+                .get_or_create(&TypeLabels { r#type: short })
+                .inc();
             tracing::warn!(pod = %pod, r#type = short, version, "Envoy rejected config: {message}");
             ctx.registry.update(stream, short, |t| {
                 t.nacks += 1;

@@ -96,12 +96,12 @@ impl SotwStream {
         // Subscriptions: an empty list on LDS/CDS (or "*") is a wildcard
         // ("How the client specifies what resources to return").
         let names: BTreeSet<String> = req.resource_names.iter().cloned().collect();
-        let new_names = if type_url::is_wildcard_type(ty) && (names.is_empty() || names.contains("*"))
-        {
-            None
-        } else {
-            Some(names)
-        };
+        let new_names =
+            if type_url::is_wildcard_type(ty) && (names.is_empty() || names.contains("*")) {
+                None
+            } else {
+                Some(names)
+            };
         let names_changed = !state.subscribed || state.names != new_names;
         state.subscribed = true;
         state.names = new_names;
@@ -147,7 +147,11 @@ impl SotwStream {
 
     /// Build a response for `ty` if what the client should have differs from
     /// what it was last sent.
-    fn respond(&mut self, ty: &'static str, snapshot: &ProxyResources) -> Option<DiscoveryResponse> {
+    fn respond(
+        &mut self,
+        ty: &'static str,
+        snapshot: &ProxyResources,
+    ) -> Option<DiscoveryResponse> {
         let state = self.types.get_mut(ty)?;
         let selected: Vec<&Resource> = match (&state.names, snapshot.get(ty)) {
             (_, None) => Vec::new(),
@@ -258,10 +262,7 @@ mod tests {
         let mut out = ProxyResources::default();
         for r in resources {
             let ty = canonical(&r.any.type_url).expect("served type");
-            out.by_type
-                .entry(ty)
-                .or_default()
-                .insert(r.name.clone(), r);
+            out.by_type.entry(ty).or_default().insert(r.name.clone(), r);
         }
         out
     }
@@ -294,7 +295,9 @@ mod tests {
             .map(|a| match a.type_url.as_str() {
                 type_url::CLUSTER => Cluster::decode(a.value.as_slice()).unwrap().name,
                 type_url::ENDPOINT => {
-                    ClusterLoadAssignment::decode(a.value.as_slice()).unwrap().cluster_name
+                    ClusterLoadAssignment::decode(a.value.as_slice())
+                        .unwrap()
+                        .cluster_name
                 }
                 type_url::SECRET => Secret::decode(a.value.as_slice()).unwrap().name,
                 other => panic!("unexpected {other}"),
@@ -323,9 +326,16 @@ mod tests {
         let snap = snap(vec![cluster("a", 1)]);
         let (_, r) = s.on_request(&req(type_url::CLUSTER, &[], "", ""), &snap);
         let r = r.unwrap();
-        let (kind, again) =
-            s.on_request(&req(type_url::CLUSTER, &[], &r.nonce, &r.version_info), &snap);
-        assert_eq!(kind, RequestKind::Ack { version: r.version_info.clone() });
+        let (kind, again) = s.on_request(
+            &req(type_url::CLUSTER, &[], &r.nonce, &r.version_info),
+            &snap,
+        );
+        assert_eq!(
+            kind,
+            RequestKind::Ack {
+                version: r.version_info.clone()
+            }
+        );
         assert!(again.is_none());
         assert_eq!(s.acked_versions()["cds"], r.version_info);
     }
@@ -336,7 +346,10 @@ mod tests {
         let good = snap(vec![cluster("a", 1)]);
         let (_, r1) = s.on_request(&req(type_url::CLUSTER, &[], "", ""), &good);
         let r1 = r1.unwrap();
-        s.on_request(&req(type_url::CLUSTER, &[], &r1.nonce, &r1.version_info), &good);
+        s.on_request(
+            &req(type_url::CLUSTER, &[], &r1.nonce, &r1.version_info),
+            &good,
+        );
 
         let bad = snap(vec![cluster("a", 2)]);
         let pushed = s.on_snapshot(&bad);
@@ -383,7 +396,8 @@ mod tests {
         };
         let pushed = s.on_snapshot(&snap2);
         assert_eq!(pushed.len(), 1);
-        let (kind, resp) = s.on_request(&req(type_url::ENDPOINT, &["a", "b"], &r1.nonce, ""), &snap2);
+        let (kind, resp) =
+            s.on_request(&req(type_url::ENDPOINT, &["a", "b"], &r1.nonce, ""), &snap2);
         assert_eq!(kind, RequestKind::Stale);
         let resp = resp.expect("subscription change must be answered");
         assert_eq!(names(&resp), ["a", "b"]);
@@ -396,7 +410,8 @@ mod tests {
         let (_, r1) = s.on_request(&req(type_url::CLUSTER, &[], "", ""), &snap1);
         let snap2 = snap(vec![cluster("a", 2)]);
         assert_eq!(s.on_snapshot(&snap2).len(), 1);
-        let (kind, resp) = s.on_request(&req(type_url::CLUSTER, &[], &r1.unwrap().nonce, ""), &snap2);
+        let (kind, resp) =
+            s.on_request(&req(type_url::CLUSTER, &[], &r1.unwrap().nonce, ""), &snap2);
         assert_eq!(kind, RequestKind::Stale);
         assert!(resp.is_none());
     }
@@ -415,14 +430,20 @@ mod tests {
     fn named_types_get_exactly_the_requested_names() {
         let mut s = SotwStream::new();
         let snap = snap(vec![secret("default"), secret("ROOTCA"), secret("other")]);
-        let (_, resp) = s.on_request(&req(type_url::SECRET, &["ROOTCA", "missing"], "", ""), &snap);
+        let (_, resp) = s.on_request(
+            &req(type_url::SECRET, &["ROOTCA", "missing"], "", ""),
+            &snap,
+        );
         assert_eq!(names(&resp.unwrap()), ["ROOTCA"]);
     }
 
     #[test]
     fn wildcard_cds_is_a_complete_set_and_removal_is_a_push() {
         let mut s = SotwStream::new();
-        let (_, r) = s.on_request(&req(type_url::CLUSTER, &[], "", ""), &snap(vec![cluster("a", 1), cluster("b", 1)]));
+        let (_, r) = s.on_request(
+            &req(type_url::CLUSTER, &[], "", ""),
+            &snap(vec![cluster("a", 1), cluster("b", 1)]),
+        );
         assert_eq!(names(&r.unwrap()), ["a", "b"]);
         let pushed = s.on_snapshot(&snap(vec![cluster("a", 1)]));
         assert_eq!(names(&pushed[0]), ["a"]);
@@ -452,7 +473,10 @@ mod tests {
             cla("a"),
         ]);
         let pushed = s.on_snapshot(&v2);
-        let order: Vec<&str> = pushed.iter().map(|r| type_url::short(&r.type_url)).collect();
+        let order: Vec<&str> = pushed
+            .iter()
+            .map(|r| type_url::short(&r.type_url))
+            .collect();
         assert_eq!(order, ["sds", "cds", "eds"]);
         // And an unchanged snapshot pushes nothing.
         assert!(s.on_snapshot(&v2).is_empty());
@@ -471,7 +495,8 @@ mod tests {
     #[test]
     fn unknown_types_are_ignored() {
         let mut s = SotwStream::new();
-        let (kind, resp) = s.on_request(&req("type.googleapis.com/foo", &[], "", ""), &snap(vec![]));
+        let (kind, resp) =
+            s.on_request(&req("type.googleapis.com/foo", &[], "", ""), &snap(vec![]));
         assert_eq!(kind, RequestKind::Unknown);
         assert!(resp.is_none());
     }

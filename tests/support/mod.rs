@@ -54,7 +54,11 @@ impl Ward {
         };
         tweak(&mut cfg);
         let running = app::start(cfg).await.expect("ward starts");
-        let ward = Ward { running, config_dir, _tmp: tmp };
+        let ward = Ward {
+            running,
+            config_dir,
+            _tmp: tmp,
+        };
         ward.wait_ready().await;
         ward
     }
@@ -66,14 +70,22 @@ impl Ward {
     pub async fn wait_ready(&self) {
         let url = format!("{}/readyz", self.admin());
         eventually(Duration::from_secs(10), || async {
-            reqwest::get(&url).await.ok().filter(|r| r.status().is_success())
+            reqwest::get(&url)
+                .await
+                .ok()
+                .filter(|r| r.status().is_success())
         })
         .await
         .expect("ward becomes ready");
     }
 
     pub async fn get_json(&self, path: &str) -> serde_json::Value {
-        reqwest::get(format!("{}{path}", self.admin())).await.unwrap().json().await.unwrap()
+        reqwest::get(format!("{}{path}", self.admin()))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
     }
 
     pub fn write(&self, name: &str, body: &str) {
@@ -110,7 +122,9 @@ impl Ads {
         node_id: &str,
     ) -> Result<Ads, Status> {
         let mut tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(ward.running.authority.trust_bundle_pem()))
+            .ca_certificate(Certificate::from_pem(
+                ward.running.authority.trust_bundle_pem(),
+            ))
             .domain_name("localhost");
         if let Some((cert, key)) = credential {
             tls = tls.identity(Identity::from_pem(cert, key));
@@ -128,11 +142,16 @@ impl Ads {
     async fn open(channel: Channel, node_id: &str) -> Result<Ads, Status> {
         let (tx, rx) = mpsc::channel(16);
         let mut client = AggregatedDiscoveryServiceClient::new(channel);
-        let resp = client.stream_aggregated_resources(ReceiverStream::new(rx)).await?;
+        let resp = client
+            .stream_aggregated_resources(ReceiverStream::new(rx))
+            .await?;
         Ok(Ads {
             tx,
             rx: resp.into_inner(),
-            node: Some(Node { id: node_id.into(), ..Default::default() }),
+            node: Some(Node {
+                id: node_id.into(),
+                ..Default::default()
+            }),
         })
     }
 
@@ -144,14 +163,25 @@ impl Ads {
         self.send(type_url, names, "", nonce, Some(message)).await
     }
 
-    async fn send(&mut self, type_url: &str, names: &[&str], version: &str, nonce: &str, error: Option<&str>) {
+    async fn send(
+        &mut self,
+        type_url: &str,
+        names: &[&str],
+        version: &str,
+        nonce: &str,
+        error: Option<&str>,
+    ) {
         let req = DiscoveryRequest {
             node: self.node.take(),
             type_url: type_url.into(),
             resource_names: names.iter().map(|s| s.to_string()).collect(),
             version_info: version.into(),
             response_nonce: nonce.into(),
-            error_detail: error.map(|m| RpcStatus { code: 3, message: m.into(), details: vec![] }),
+            error_detail: error.map(|m| RpcStatus {
+                code: 3,
+                message: m.into(),
+                details: vec![],
+            }),
             ..Default::default()
         };
         self.tx.send(req).await.expect("stream open");
@@ -159,7 +189,8 @@ impl Ads {
 
     /// ACK a response.
     pub async fn ack(&mut self, resp: &DiscoveryResponse, names: &[&str]) {
-        self.request(&resp.type_url, names, &resp.version_info, &resp.nonce).await
+        self.request(&resp.type_url, names, &resp.version_info, &resp.nonce)
+            .await
     }
 
     pub async fn recv(&mut self) -> DiscoveryResponse {
