@@ -44,7 +44,12 @@ pub struct Running {
     pub xds_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub shutdown: CancellationToken,
+    /// The mesh CA: signs workload certificates (SDS).
     pub authority: Arc<Authority>,
+    /// The xDS CA: signs Ward's xDS serving certificate and the sidecars'
+    /// bootstrap credentials. Separate from the mesh CA so that rotating or
+    /// replacing the mesh root never invalidates sidecar bootstraps.
+    pub xds_ca: Arc<Authority>,
     pub registry: Arc<ProxyRegistry>,
     tasks: TaskTracker,
 }
@@ -68,6 +73,16 @@ impl Running {
     }
 }
 
+/// The xDS CA lives in `<state-dir>/xds/` and is always Ward's own.
+pub fn load_xds_ca(state_dir: &std::path::Path, trust_domain: &str) -> anyhow::Result<Authority> {
+    Authority::load_or_generate_as(
+        &state_dir.join("xds"),
+        trust_domain,
+        crate::ca::RootKind::Xds,
+    )
+    .context("loading the xDS CA from --state-dir")
+}
+
 pub fn load_authority(cfg: &ServeConfig) -> anyhow::Result<Authority> {
     match &cfg.ca_files {
         Some((cert, key, chain)) => {
@@ -82,6 +97,7 @@ pub fn load_authority(cfg: &ServeConfig) -> anyhow::Result<Authority> {
 /// Build, bind and spawn everything; returns once listeners are bound.
 pub async fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
     let authority = Arc::new(load_authority(&cfg)?);
+    let xds_ca = Arc::new(load_xds_ca(&cfg.state_dir, &cfg.trust_domain)?);
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
     let metrics = Arc::new(Metrics::new());
@@ -128,13 +144,13 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
         if !xds_addr.ip().is_unspecified() && !ips.contains(&xds_addr.ip()) {
             ips.push(xds_addr.ip());
         }
-        let cert = authority
+        let cert = xds_ca
             .issue_xds_server(&dns, &ips, XDS_SERVER_CERT_TTL)
             .context("issuing the xDS serving certificate")?;
         Some(XdsTls {
             cert_pem: cert.cert_pem.clone(),
             key_pem: cert.key_pem.expose().to_string(),
-            client_ca_pem: authority.trust_bundle_pem(),
+            client_ca_pem: xds_ca.trust_bundle_pem(),
         })
     };
 
@@ -199,6 +215,7 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
         admin_addr,
         shutdown,
         authority,
+        xds_ca,
         registry,
         tasks,
     })

@@ -89,7 +89,7 @@ fn split_host_port(addr: &str) -> Option<(String, u16)> {
 pub fn write(
     opts: &BootstrapOptions,
     mesh: &Mesh,
-    authority: Option<&Authority>,
+    xds_ca: Option<&Authority>,
     out: &Path,
 ) -> Result<BootstrapFiles, BootstrapError> {
     let workload = mesh
@@ -124,7 +124,7 @@ pub fn write(
         Ok(path)
     };
 
-    let (transport, credential) = match (opts.insecure, authority) {
+    let (transport, credential) = match (opts.insecure, xds_ca) {
         (false, Some(ca)) => {
             let id = workload.spiffe_id(&opts.trust_domain);
             let cred = ca

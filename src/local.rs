@@ -193,7 +193,7 @@ impl LocalMesh {
             insecure: false,
             credential_ttl: Duration::from_secs(24 * 3600),
         };
-        let files = bootstrap::write(&opts, &self.mesh, Some(&self.ward.authority), &out)?;
+        let files = bootstrap::write(&opts, &self.mesh, Some(&self.ward.xds_ca), &out)?;
         let log = out.join("envoy.log");
         let child = Command::new(&self.config.envoy)
             .arg("-c")

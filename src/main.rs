@@ -210,18 +210,10 @@ fn bootstrap(a: BootstrapArgs) -> anyhow::Result<()> {
     let authority = if a.common.insecure_xds {
         None
     } else {
-        let cfg = ServeConfig {
-            config_dir: a.common.config_dir.clone(),
-            state_dir: a.common.state_dir.clone(),
-            xds_addr: "127.0.0.1:0".parse()?,
-            admin_addr: "127.0.0.1:0".parse()?,
-            trust_domain: a.common.trust_domain.clone(),
-            insecure_xds: false,
-            rotation: RotationConfig::default(),
-            ca_files: None,
-            xds_server_names: vec![],
-        };
-        Some(app::load_authority(&cfg)?)
+        Some(app::load_xds_ca(
+            &a.common.state_dir,
+            &a.common.trust_domain,
+        )?)
     };
     let opts = ward::bootstrap::BootstrapOptions {
         pod: a.pod,

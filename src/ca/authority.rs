@@ -135,6 +135,16 @@ impl Authority {
     /// reuses the same root. If only one of the two files exists, or a file
     /// is unusable, this fails rather than replace an existing key.
     pub fn load_or_generate(state_dir: &Path, trust_domain: &str) -> Result<Authority, CaError> {
+        Self::load_or_generate_as(state_dir, trust_domain, RootKind::Mesh)
+    }
+
+    /// Like [`Authority::load_or_generate`], for a root of the given kind
+    /// (the kind only names a newly generated root).
+    pub fn load_or_generate_as(
+        state_dir: &Path,
+        trust_domain: &str,
+        kind: RootKind,
+    ) -> Result<Authority, CaError> {
         validate_trust_domain(trust_domain)?;
         let cert_path = state_dir.join(ROOT_CERT_FILE);
         let key_path = state_dir.join(ROOT_KEY_FILE);
@@ -169,7 +179,7 @@ impl Authority {
                 Ok(auth)
             }
             (false, false) => {
-                let (cert_pem, key_pem) = generate_root(trust_domain)?;
+                let (cert_pem, key_pem) = generate_root(trust_domain, kind)?;
                 let dir = cert_path.parent().unwrap_or(state_dir);
                 store::create_private_dir(dir)?;
                 // Key first: if we crash before the cert is written, the next
@@ -206,7 +216,7 @@ impl Authority {
     /// A new root that lives only in memory: for tests and throwaway demos.
     pub fn generate_in_memory(trust_domain: &str) -> Result<Authority, CaError> {
         validate_trust_domain(trust_domain)?;
-        let (cert_pem, key_pem) = generate_root(trust_domain)?;
+        let (cert_pem, key_pem) = generate_root(trust_domain, RootKind::Mesh)?;
         let mem = PathBuf::from("<memory>");
         Authority::from_pem(
             (&mem, &cert_pem),
@@ -522,15 +532,35 @@ impl Authority {
     }
 }
 
-/// A new self-signed root: (certificate PEM, key PEM).
-fn generate_root(trust_domain: &str) -> Result<(String, SecretPem), CaError> {
+/// What a generated root is for; only its name differs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RootKind {
+    /// Signs workload certificates (the mesh trust bundle).
+    Mesh,
+    /// Signs Ward's xDS serving certificate and sidecar bootstrap credentials.
+    Xds,
+}
+
+/// A new self-signed root: (certificate PEM, key PEM). Its common name
+/// carries a random suffix so that two roots (old and new during a root
+/// rotation, or the mesh and xDS roots) never share a subject name, which
+/// would make chain building by issuer name ambiguous.
+fn generate_root(trust_domain: &str, kind: RootKind) -> Result<(String, SecretPem), CaError> {
     let what = format!("root CA for trust domain {trust_domain}");
     let key = KeyPair::generate().map_err(|e| CaError::sign(&what, e))?;
     let now = SystemTime::now();
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "Ward");
-    dn.push(DnType::CommonName, format!("Ward root CA {trust_domain}"));
+    let label = match kind {
+        RootKind::Mesh => "root CA",
+        RootKind::Xds => "xDS CA",
+    };
+    let suffix = hex::encode(rand::random::<[u8; 4]>());
+    dn.push(
+        DnType::CommonName,
+        format!("Ward {label} {trust_domain} {suffix}"),
+    );
     p.distinguished_name = dn;
     p.not_before = (now - CLOCK_SKEW).into();
     p.not_after = (now + ROOT_VALIDITY).into();
@@ -887,7 +917,12 @@ mod tests {
         assert_eq!(a.roots().len(), 1);
         assert!(root.is_ca);
         assert_eq!(root.uri_sans, vec!["spiffe://cluster.local".to_string()]);
-        assert_eq!(root.subject, "O=Ward, CN=Ward root CA cluster.local");
+        assert!(
+            root.subject
+                .starts_with("O=Ward, CN=Ward root CA cluster.local "),
+            "{}",
+            root.subject
+        );
         let life = root.not_after.duration_since(root.not_before).unwrap();
         assert!(
             life >= ROOT_VALIDITY && life <= ROOT_VALIDITY + CLOCK_SKEW + Duration::from_secs(2)
@@ -950,7 +985,7 @@ mod tests {
         );
 
         // A valid key of another root: mismatch, never a silent regeneration.
-        let other = generate_root(TD).unwrap().1;
+        let other = generate_root(TD, RootKind::Mesh).unwrap().1;
         fs::write(&key_path, other.expose()).unwrap();
         let err = Authority::load_or_generate(dir.path(), TD)
             .unwrap_err()

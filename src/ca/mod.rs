@@ -15,7 +15,7 @@ pub mod manager;
 pub mod store;
 
 pub use authority::{
-    Authority, CertInfo, IssuedCert, SecretPem, XDS_CLIENT_OU, cert_info, der_to_pem,
+    Authority, CertInfo, IssuedCert, RootKind, SecretPem, XDS_CLIENT_OU, cert_info, der_to_pem,
     parse_spiffe_id, pem_to_der_certs, xds_client_identity,
 };
 pub use manager::{CertManager, CertStatus, RotationConfig, Signer, WorkloadCert};

@@ -100,7 +100,7 @@ impl Ward {
         let id = SpiffeId::new(TD, &pod.namespace, service_account);
         let c = self
             .running
-            .authority
+            .xds_ca
             .issue_xds_client(&pod, &id, Duration::from_secs(3600))
             .unwrap();
         (c.cert_pem.clone(), c.key_pem.expose().to_string())
@@ -123,7 +123,7 @@ impl Ads {
     ) -> Result<Ads, Status> {
         let mut tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(
-                ward.running.authority.trust_bundle_pem(),
+                ward.running.xds_ca.trust_bundle_pem(),
             ))
             .domain_name("localhost");
         if let Some((cert, key)) = credential {
