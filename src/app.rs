@@ -56,7 +56,7 @@ pub struct Running {
 
 impl Running {
     /// Stop every task; give streams `deadline` to finish.
-    pub async fn stop(self, deadline: Duration) {
+    pub async fn stop(&self, deadline: Duration) {
         self.shutdown.cancel();
         self.tasks.close();
         if tokio::time::timeout(deadline, self.tasks.wait())
@@ -107,6 +107,9 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
     let meshes = dir.mesh();
     let discovery = dir.status();
     let certs = CertManager::new(authority.clone(), cfg.rotation.clone());
+    certs
+        .persist_to(cfg.state_dir.join("certs"))
+        .context("preparing the certificate store in --state-dir")?;
     {
         let c = certs.clone();
         metrics.register_sampled(Sampled::counter(
@@ -119,6 +122,34 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
             "cert_signing_failures",
             "Workload certificate signing failures",
             move || c.failures_total() as f64,
+        ));
+        let c = certs.clone();
+        metrics.register_sampled(Sampled::counter(
+            "certs_reused",
+            "Stored workload certificates reused after a restart instead of re-issued",
+            move || c.reused_total() as f64,
+        ));
+        let c = certs.clone();
+        metrics.register_sampled(Sampled::gauge(
+            "cert_nearest_expiry_seconds",
+            "Seconds until the soonest expiry of a connected proxy's certificate",
+            move || {
+                c.nearest_expiry()
+                    .map(|t| match t.duration_since(std::time::SystemTime::now()) {
+                        Ok(d) => d.as_secs_f64(),
+                        Err(e) => -e.duration().as_secs_f64(),
+                    })
+                    .unwrap_or(0.0)
+            },
+        ));
+        let r = registry.clone();
+        metrics.register_sampled(Sampled::gauge(
+            "proxies_cert_past_80_percent",
+            "Connected proxies whose ACKed certificate is past 80% of its lifetime (no ACKed replacement)",
+            move || {
+                let now = crate::xds::status::unix_now();
+                r.list().iter().filter(|p| p.cert.as_ref().is_some_and(|c| c.past(0.8, now))).count() as f64
+            },
         ));
     }
     let (mesh_cache, snapshots) = MeshCache::new(meshes, cfg.trust_domain.clone());

@@ -99,6 +99,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             ..RotationConfig::default()
         },
         upstreams: BTreeMap::from([(client, CLIENT_OUTBOUND_TO_SERVER.to_string())]),
+        ca_files: None,
     };
     let mut mesh = LocalMesh::start(config).await?;
     println!(

@@ -81,6 +81,8 @@ pub struct LocalMeshConfig {
     pub rotation: RotationConfig,
     /// Upstream URL per pod for its sample app's `/call`.
     pub upstreams: BTreeMap<ObjectKey, String>,
+    /// Plugged-in CA (certificate, key, chain) instead of a generated root.
+    pub ca_files: Option<(PathBuf, PathBuf, Option<PathBuf>)>,
 }
 
 /// One Envoy sidecar process.
@@ -128,19 +130,7 @@ impl LocalMesh {
         if let Some(e) = errors.first() {
             bail!("the demo configuration has errors: {e}");
         }
-        let state_dir = config.work_dir.join("state");
-        let serve = ServeConfig {
-            config_dir: config.config_dir.clone(),
-            state_dir: state_dir.clone(),
-            xds_addr: config.xds_addr,
-            admin_addr: config.admin_addr,
-            trust_domain: config.trust_domain.clone(),
-            insecure_xds: false,
-            rotation: config.rotation.clone(),
-            ca_files: None,
-            xds_server_names: vec![],
-        };
-        let ward = app::start(serve).await?;
+        let ward = app::start(Self::serve_config(&config)).await?;
         let apps = CancellationToken::new();
         let mut this = Self {
             ward,
@@ -156,6 +146,31 @@ impl LocalMesh {
             this.start_sidecar(pod).await?;
         }
         Ok(this)
+    }
+
+    fn serve_config(config: &LocalMeshConfig) -> ServeConfig {
+        ServeConfig {
+            config_dir: config.config_dir.clone(),
+            state_dir: config.work_dir.join("state"),
+            xds_addr: config.xds_addr,
+            admin_addr: config.admin_addr,
+            trust_domain: config.trust_domain.clone(),
+            insecure_xds: false,
+            rotation: config.rotation.clone(),
+            ca_files: config.ca_files.clone(),
+            xds_server_names: vec![],
+        }
+    }
+
+    /// Stop Ward, run `while_down` (sidecars and apps keep running), then
+    /// start Ward again on the same xDS address and state directory.
+    pub async fn restart_ward(&mut self, while_down: impl AsyncFnOnce()) -> anyhow::Result<()> {
+        let mut cfg = Self::serve_config(&self.config);
+        cfg.xds_addr = self.ward.xds_addr;
+        self.ward.stop(Duration::from_secs(2)).await;
+        while_down().await;
+        self.ward = app::start(cfg).await?;
+        Ok(())
     }
 
     /// The pod's sample app on `app_ip:<each container port>`.

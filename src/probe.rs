@@ -77,6 +77,20 @@ pub async fn tls_get(
     server: &ServerCheck,
     alpn: &[&str],
 ) -> Result<Reply, ProbeError> {
+    let (tls, chain) = tls_connect(addr, host, client, server, alpn).await?;
+    http_get(tls, addr, path, host, chain).await
+}
+
+type TlsStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// A TLS connection and the server's certificate chain (DER).
+async fn tls_connect(
+    addr: SocketAddr,
+    host: &str,
+    client: Option<&ClientCert>,
+    server: &ServerCheck,
+    alpn: &[&str],
+) -> Result<(TlsStream, Vec<Vec<u8>>), ProbeError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let roots = match server {
         ServerCheck::None => None,
@@ -122,7 +136,114 @@ pub async fn tls_get(
         .peer_certificates()
         .map(|c| c.iter().map(|d| d.as_ref().to_vec()).collect())
         .unwrap_or_default();
-    http_get(tls, addr, path, host, chain).await
+    Ok((tls, chain))
+}
+
+/// Anything a keep-alive connection can run over.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// One connection, many HTTP/1.1 requests: shows that a connection opened
+/// before a change (a certificate rotation, a policy switch) keeps working.
+pub struct KeepAlive {
+    stream: Box<dyn Io>,
+    addr: SocketAddr,
+    host: String,
+    /// The server's certificate chain from the handshake (TLS only).
+    pub peer_chain: Vec<Vec<u8>>,
+    /// Bytes read past the last response.
+    buf: Vec<u8>,
+}
+
+impl KeepAlive {
+    pub async fn plaintext(addr: SocketAddr, host: &str) -> Result<Self, ProbeError> {
+        let stream = connect(addr).await?;
+        Ok(Self {
+            stream: Box::new(stream),
+            addr,
+            host: host.into(),
+            peer_chain: vec![],
+            buf: vec![],
+        })
+    }
+
+    pub async fn tls(
+        addr: SocketAddr,
+        host: &str,
+        client: Option<&ClientCert>,
+        server: &ServerCheck,
+        alpn: &[&str],
+    ) -> Result<Self, ProbeError> {
+        let (tls, chain) = tls_connect(addr, host, client, server, alpn).await?;
+        Ok(Self {
+            stream: Box::new(tls),
+            addr,
+            host: host.into(),
+            peer_chain: chain,
+            buf: vec![],
+        })
+    }
+
+    /// GET `path` on this connection; the response must carry a
+    /// Content-Length (the sample app and Envoy send one).
+    pub async fn get(&mut self, path: &str) -> Result<Reply, ProbeError> {
+        let addr = self.addr;
+        let no_response = |reason: String| ProbeError::NoResponse { addr, reason };
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: ward-probe\r\n\r\n",
+            self.host
+        );
+        let io = async {
+            self.stream
+                .write_all(request.as_bytes())
+                .await
+                .map_err(|e| no_response(format!("write: {e}")))?;
+            let mut chunk = [0u8; 4096];
+            loop {
+                if let Some(end) = find(&self.buf, b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&self.buf[..end]).to_string();
+                    let len = head
+                        .lines()
+                        .find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case("content-length")
+                                .then(|| v.trim().parse::<usize>().ok())?
+                        })
+                        .ok_or_else(|| no_response("response without Content-Length".into()))?;
+                    if self.buf.len() >= end + 4 + len {
+                        let body =
+                            String::from_utf8_lossy(&self.buf[end + 4..end + 4 + len]).to_string();
+                        self.buf.drain(..end + 4 + len);
+                        let status = head
+                            .get(9..12)
+                            .and_then(|c| c.parse::<u16>().ok())
+                            .ok_or_else(|| no_response(format!("bad status line in {head:?}")))?;
+                        return Ok(Reply {
+                            status,
+                            body,
+                            peer_chain: self.peer_chain.clone(),
+                        });
+                    }
+                }
+                let n = self
+                    .stream
+                    .read(&mut chunk)
+                    .await
+                    .map_err(|e| no_response(e.to_string()))?;
+                if n == 0 {
+                    return Err(no_response("connection closed".into()));
+                }
+                self.buf.extend_from_slice(&chunk[..n]);
+            }
+        };
+        tokio::time::timeout(TIMEOUT, io)
+            .await
+            .map_err(|_| ProbeError::Timeout { addr })?
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 async fn connect(addr: SocketAddr) -> Result<TcpStream, ProbeError> {

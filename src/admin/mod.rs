@@ -86,8 +86,44 @@ async fn proxies(State(s): State<AdminState>) -> Json<serde_json::Value> {
     Json(json!({ "proxies": s.registry.list() }))
 }
 
+/// Per proxy: the certificate Ward holds for it and the one its Envoy
+/// ACKed, so a proxy silently serving an old certificate stands out.
 async fn certs(State(s): State<AdminState>) -> Json<serde_json::Value> {
-    Json(json!({ "certificates": s.certs.status() }))
+    let proxies = s.registry.list();
+    let now = crate::xds::status::unix_now();
+    let certificates: Vec<serde_json::Value> = s
+        .certs
+        .status()
+        .into_iter()
+        .map(|c| {
+            let envoy: Vec<_> = proxies
+                .iter()
+                .filter(|p| p.pod == c.proxy.to_string())
+                .map(|p| {
+                    json!({
+                        "stream": p.stream,
+                        "acked_serial": p.cert.as_ref().map(|a| a.serial.clone()),
+                        "acked_current": p.cert.as_ref().is_some_and(|a| a.serial == c.serial),
+                        "past_80_percent": p.cert.as_ref().is_some_and(|a| a.past(0.8, now)),
+                    })
+                })
+                .collect();
+            let mut v = serde_json::to_value(&c).unwrap_or_default();
+            v["envoy"] = json!(envoy);
+            v
+        })
+        .collect();
+    let roots: Vec<_> = crate::ca::pem_to_der_certs(&s.certs.trust_bundle_pem())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|d| crate::ca::cert_info(d).ok())
+        .collect();
+    Json(json!({
+        "trust_bundle": roots,
+        "certificates": certificates,
+        "reused_from_store": s.certs.reused_total(),
+        "issued": s.certs.issued_total(),
+    }))
 }
 
 async fn config(State(s): State<AdminState>) -> Json<serde_json::Value> {

@@ -802,6 +802,35 @@ pub fn xds_client_identity(
 }
 
 /// Every `CERTIFICATE` block of a PEM text, as DER. Fails when there is none.
+/// Does the certificate chain in `chain_pem` (leaf first, then
+/// intermediates) end in a certificate signed by one of the roots in
+/// `bundle_pem`? Used to tell which root a live leaf depends on.
+pub fn chains_to(chain_pem: &str, bundle_pem: &str) -> bool {
+    let (Ok(chain), Ok(roots)) = (pem_to_der_certs(chain_pem), pem_to_der_certs(bundle_pem)) else {
+        return false;
+    };
+    let parsed: Vec<_> = chain
+        .iter()
+        .filter_map(|d| X509Certificate::from_der(d).ok().map(|(_, c)| c))
+        .collect();
+    if parsed.len() != chain.len() || parsed.is_empty() {
+        return false;
+    }
+    // Each link signed by the next, the top one by a root.
+    let links_ok = parsed
+        .windows(2)
+        .all(|w| w[0].verify_signature(Some(w[1].public_key())).is_ok());
+    let Some(top) = parsed.last() else {
+        return false;
+    };
+    links_ok
+        && roots.iter().any(|r| {
+            X509Certificate::from_der(r)
+                .map(|(_, root)| top.verify_signature(Some(root.public_key())).is_ok())
+                .unwrap_or(false)
+        })
+}
+
 pub fn pem_to_der_certs(pem: &str) -> Result<Vec<Vec<u8>>, CaError> {
     let mut reader = pem.as_bytes();
     let ders = rustls_pemfile::certs(&mut reader)

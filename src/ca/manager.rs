@@ -11,6 +11,7 @@
 //! certificates themselves carry wall-clock times.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime};
@@ -131,6 +132,11 @@ struct Inner {
     issued: AtomicU64,
     /// Failed signings (metrics).
     failures: AtomicU64,
+    /// Directory where issued certificates (and keys, 0600) are kept so a
+    /// restarted Ward reuses them instead of re-issuing for every proxy.
+    store: Mutex<Option<PathBuf>>,
+    /// Certificates reused from `store` (status: no needless re-issue).
+    reused: AtomicU64,
 }
 
 struct Entry {
@@ -185,8 +191,71 @@ impl CertManager {
                 queue_rx: Mutex::new(Some(queue_rx)),
                 issued: AtomicU64::new(0),
                 failures: AtomicU64::new(0),
+                store: Mutex::new(None),
+                reused: AtomicU64::new(0),
             }),
         }
+    }
+
+    /// Keep issued certificates in `dir` (created 0700, files 0600) and
+    /// reuse them on the next start while they are still fresh.
+    pub fn persist_to(&self, dir: PathBuf) -> Result<(), CaError> {
+        super::store::create_private_dir(&dir)?;
+        if let Ok(mut s) = self.inner.store.lock() {
+            *s = Some(dir);
+        }
+        Ok(())
+    }
+
+    /// The trust bundle (PEM) certificates are issued with now.
+    pub fn trust_bundle_pem(&self) -> String {
+        self.signer().trust_bundle_pem()
+    }
+
+    /// Certificates reused from the store instead of being re-issued.
+    pub fn reused_total(&self) -> u64 {
+        self.inner.reused.load(Ordering::Relaxed)
+    }
+
+    fn store_path(&self, proxy: &ObjectKey) -> Option<PathBuf> {
+        let dir = self.inner.store.lock().ok()?.clone()?;
+        Some(dir.join(format!("{}.{}.pem", proxy.namespace, proxy.name)))
+    }
+
+    fn persist(&self, proxy: &ObjectKey, cert: &WorkloadCert) {
+        let Some(path) = self.store_path(proxy) else {
+            return;
+        };
+        let body = format!("{}{}", cert.cert_pem, cert.key_pem.expose());
+        if let Err(e) = super::store::write_private_file(&path, body.as_bytes()) {
+            tracing::warn!(%proxy, "cannot persist workload certificate: {e}");
+        }
+    }
+
+    /// A stored certificate for `id` that is still before its rotation
+    /// point and chains to the current signer's trust bundle.
+    fn load_persisted(&self, proxy: &ObjectKey, id: &SpiffeId) -> Option<WorkloadCert> {
+        let path = self.store_path(proxy)?;
+        let text = std::fs::read_to_string(&path).ok()?;
+        let key_start = text.find("-----BEGIN PRIVATE KEY-----")?;
+        let (cert_pem, key_pem) = text.split_at(key_start);
+        let ders = super::pem_to_der_certs(cert_pem).ok()?;
+        let info = super::cert_info(ders.first()?).ok()?;
+        let bundle = self.signer().trust_bundle_pem();
+        let remaining = info.not_after.duration_since(SystemTime::now()).ok()?;
+        let cfg = &self.inner.cfg;
+        let fresh = remaining.as_secs_f64() > cfg.ttl.as_secs_f64() * (1.0 - cfg.rotate_at);
+        if info.uri_sans != [id.uri()] || !fresh || !super::chains_to(cert_pem, &bundle) {
+            return None;
+        }
+        self.inner.reused.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(%proxy, serial = %info.serial, "reusing the stored workload certificate");
+        Some(WorkloadCert {
+            cert_pem: cert_pem.to_string(),
+            key_pem: SecretPem::new(key_pem.to_string()),
+            trust_bundle_pem: bundle,
+            info,
+        })
     }
 
     pub fn config(&self) -> &RotationConfig {
@@ -236,7 +305,11 @@ impl CertManager {
             return Ok(rx);
         }
         // Sign without holding the lock: many streams subscribe at once.
-        let signed = self.sign(id);
+        let known = self.entries().contains_key(proxy);
+        let signed = match (!known).then(|| self.load_persisted(proxy, id)).flatten() {
+            Some(cert) => Ok(cert),
+            None => self.sign(id).inspect(|c| self.persist(proxy, c)),
+        };
         let mut entries = self.entries();
         let now = Instant::now();
         match signed {
@@ -521,6 +594,7 @@ impl CertManager {
 
     /// Publish a new certificate for an existing entry and schedule its renewal.
     fn install(&self, proxy: &ObjectKey, e: &mut Entry, cert: WorkloadCert, now: Instant) {
+        self.persist(proxy, &cert);
         e.tx.send_replace(Arc::new(cert));
         e.last_error = None;
         e.consecutive_failures = 0;

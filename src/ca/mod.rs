@@ -15,8 +15,8 @@ pub mod manager;
 pub mod store;
 
 pub use authority::{
-    Authority, CertInfo, IssuedCert, RootKind, SecretPem, XDS_CLIENT_OU, cert_info, der_to_pem,
-    parse_spiffe_id, pem_to_der_certs, xds_client_identity,
+    Authority, CertInfo, IssuedCert, RootKind, SecretPem, XDS_CLIENT_OU, cert_info, chains_to,
+    der_to_pem, parse_spiffe_id, pem_to_der_certs, xds_client_identity,
 };
 pub use manager::{CertManager, CertStatus, RotationConfig, Signer, WorkloadCert};
 pub use store::write_private_file;

@@ -23,8 +23,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::cache::{MeshSnapshot, proxy_snapshot};
 use super::sotw::{RequestKind, SotwStream};
-use super::status::{NackStatus, ProxyRegistry, ProxyStatus, unix_now};
-use crate::ca::{CertManager, xds_client_identity};
+use super::status::{AckedCert, NackStatus, ProxyRegistry, ProxyStatus, unix_now};
+use crate::ca::{CertManager, WorkloadCert, xds_client_identity};
 use crate::metrics::{Metrics, ReasonLabels, TypeLabels};
 use crate::model::{ObjectKey, SpiffeId};
 use crate::translate::{ProxyResources, names, type_url};
@@ -254,6 +254,7 @@ async fn run_stream(
         peer,
         connected_at: unix_now(),
         types: Default::default(),
+        cert: None,
     });
     ctx.metrics.connected_proxies.inc();
     let _guard = StreamGuard {
@@ -264,7 +265,7 @@ async fn run_stream(
     tracing::info!(pod = %pod, identity = %id, stream, "proxy connected");
 
     let build = |snapshots: &mut watch::Receiver<Arc<MeshSnapshot>>,
-                 certs: &mut watch::Receiver<Arc<crate::ca::WorkloadCert>>,
+                 certs: &mut watch::Receiver<Arc<WorkloadCert>>,
                  last: Option<&ProxyResources>|
      -> Option<ProxyResources> {
         let view = snapshots.borrow_and_update().clone();
@@ -279,6 +280,10 @@ async fn run_stream(
         }
     };
     let mut current = build(&mut snapshots, &mut certs, None).unwrap_or_default();
+    let mut current_cert = certs.borrow().clone();
+    // Which certificate each recent SDS response carried, so an ACK tells
+    // which certificate and trust bundle Envoy now serves.
+    let mut sent_certs = SentCerts::default();
     let mut sotw = SotwStream::new();
 
     let mut pending = Some(first);
@@ -303,11 +308,19 @@ async fn run_stream(
             Some(req) => {
                 let (kind, resp) = sotw.on_request(&req, &current);
                 record_request(ctx, stream, &pod, &req.type_url, &kind);
+                if let (RequestKind::Ack { version }, type_url::SECRET) =
+                    (&kind, req.type_url.as_str())
+                    && let Some(cert) = sent_certs.acked(version)
+                {
+                    ctx.registry.set_cert(stream, AckedCert::new(&cert));
+                }
                 resp.into_iter().collect()
             }
             None => {
+                let cert = certs.borrow().clone();
                 if let Some(next) = build(&mut snapshots, &mut certs, Some(&current)) {
                     current = next;
+                    current_cert = cert;
                 }
                 sotw.on_snapshot(&current)
             }
@@ -319,6 +332,9 @@ async fn run_stream(
                 .get_or_create(&TypeLabels { r#type: short })
                 .inc();
             let version = resp.version_info.clone();
+            if resp.type_url == type_url::SECRET {
+                sent_certs.sent(&version, &current_cert);
+            }
             ctx.registry.update(stream, short, |t| {
                 t.sent_version = Some(version);
                 t.pushes += 1;
@@ -327,6 +343,31 @@ async fn run_stream(
                 return Ok(());
             }
         }
+    }
+}
+
+/// The last few SDS versions sent on a stream and the certificate in each.
+#[derive(Default)]
+struct SentCerts(std::collections::VecDeque<(String, Arc<WorkloadCert>)>);
+
+impl SentCerts {
+    /// Envoy may ACK an older response after a newer one was sent; a few
+    /// entries cover that.
+    const KEEP: usize = 4;
+
+    fn sent(&mut self, version: &str, cert: &Arc<WorkloadCert>) {
+        if self.0.len() == Self::KEEP {
+            self.0.pop_front();
+        }
+        self.0.push_back((version.to_string(), cert.clone()));
+    }
+
+    fn acked(&self, version: &str) -> Option<Arc<WorkloadCert>> {
+        self.0
+            .iter()
+            .rev()
+            .find(|(v, _)| v == version)
+            .map(|(_, c)| c.clone())
     }
 }
 

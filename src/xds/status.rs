@@ -9,6 +9,8 @@ use std::time::SystemTime;
 use dashmap::DashMap;
 use serde::Serialize;
 
+use crate::ca::WorkloadCert;
+
 /// A rejected configuration, as Envoy reported it.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct NackStatus {
@@ -50,6 +52,51 @@ pub struct ProxyStatus {
     pub connected_at: u64,
     /// By short type name (`cds`, `eds`, `lds`, `rds`, `sds`).
     pub types: BTreeMap<&'static str, TypeStatus>,
+    /// The workload certificate Envoy last ACKed over SDS: what it serves now.
+    pub cert: Option<AckedCert>,
+}
+
+/// A certificate (and trust bundle) a proxy ACKed. No key material.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct AckedCert {
+    pub serial: String,
+    /// Seconds since the Unix epoch.
+    pub not_before: u64,
+    pub not_after: u64,
+    pub issuer: String,
+    /// Content hash of the trust bundle (ROOTCA) sent with it.
+    pub bundle: String,
+    /// Serial numbers of the roots in that trust bundle.
+    pub bundle_roots: Vec<String>,
+}
+
+impl AckedCert {
+    pub fn new(cert: &WorkloadCert) -> Self {
+        let secs = |t: std::time::SystemTime| {
+            t.duration_since(std::time::SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or_default()
+        };
+        let bundle_roots = crate::ca::pem_to_der_certs(&cert.trust_bundle_pem)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|d| crate::ca::cert_info(d).ok().map(|i| i.serial))
+            .collect();
+        Self {
+            serial: cert.info.serial.clone(),
+            not_before: secs(cert.info.not_before),
+            not_after: secs(cert.info.not_after),
+            issuer: cert.info.issuer.clone(),
+            bundle: crate::translate::content_hash(&[cert.trust_bundle_pem.as_bytes()]),
+            bundle_roots,
+        }
+    }
+
+    /// Past `fraction` of its lifetime at `now` (seconds since the epoch)?
+    pub fn past(&self, fraction: f64, now: u64) -> bool {
+        let life = self.not_after.saturating_sub(self.not_before) as f64;
+        now as f64 >= self.not_before as f64 + life * fraction
+    }
 }
 
 pub fn unix_now() -> u64 {
@@ -87,6 +134,12 @@ impl ProxyRegistry {
     pub fn update(&self, stream: u64, short_type: &'static str, f: impl FnOnce(&mut TypeStatus)) {
         if let Some(mut s) = self.streams.get_mut(&stream) {
             f(s.types.entry(short_type).or_default());
+        }
+    }
+
+    pub fn set_cert(&self, stream: u64, cert: AckedCert) {
+        if let Some(mut s) = self.streams.get_mut(&stream) {
+            s.cert = Some(cert);
         }
     }
 
