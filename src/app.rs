@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminState};
-use crate::ca::{Authority, CertManager, RotationConfig};
+use crate::ca::{Authority, CertManager, RootRotation, RootRotator, RotationConfig};
 use crate::discovery::DirSource;
 use crate::metrics::{Metrics, Sampled};
 use crate::xds::{self, MeshCache, ProxyRegistry, XdsContext, XdsTls};
@@ -51,6 +51,8 @@ pub struct Running {
     /// replacing the mesh root never invalidates sidecar bootstraps.
     pub xds_ca: Arc<Authority>,
     pub registry: Arc<ProxyRegistry>,
+    /// Start and follow mesh root rotations.
+    pub rotation: RootRotation,
     tasks: TaskTracker,
 }
 
@@ -153,6 +155,12 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
         ));
     }
     let (mesh_cache, snapshots) = MeshCache::new(meshes, cfg.trust_domain.clone());
+    let (rotator, rotation) = RootRotator::new(
+        authority.clone(),
+        certs.clone(),
+        registry.clone(),
+        cfg.ca_files.is_none().then(|| cfg.state_dir.clone()),
+    );
 
     let xds_listener = TcpListener::bind(cfg.xds_addr)
         .await
@@ -198,6 +206,7 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
         registry: registry.clone(),
         metrics: metrics.clone(),
         certs: certs.clone(),
+        rotation: rotation.clone(),
         discovery,
         snapshots,
     };
@@ -219,6 +228,7 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
     }
     tasks.spawn(mesh_cache.run(shutdown.clone()));
     tasks.spawn(certs.clone().run(shutdown.clone()));
+    tasks.spawn(rotator.run(shutdown.clone()));
     {
         let on_exit = fatal("xDS server", shutdown.clone());
         tasks.spawn(async move {
@@ -248,6 +258,7 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
         authority,
         xds_ca,
         registry,
+        rotation,
         tasks,
     })
 }

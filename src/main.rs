@@ -33,6 +33,11 @@ enum Command {
     Demo(ward::demo::DemoArgs),
     /// Show connected proxies and what they ACKed (from a running Ward's admin API).
     Status(StatusArgs),
+    /// Certificate authority operations on a running Ward.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// A small HTTP app used by the demo and tests (knows nothing of TLS).
     #[command(hide = true)]
     SampleApp(SampleAppArgs),
@@ -121,6 +126,20 @@ struct StatusArgs {
     json: bool,
 }
 
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Rotate the mesh root with no downtime: distribute a bundle with both
+    /// roots, re-issue every leaf from the new root, then retire the old one.
+    Rotate {
+        /// Admin address of the running Ward.
+        #[arg(long, env = "WARD_ADMIN_ADDR", default_value = "127.0.0.1:15014")]
+        admin_addr: SocketAddr,
+        /// Follow progress until the rotation is done (or failed).
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
 #[derive(Args)]
 struct SampleAppArgs {
     #[arg(long)]
@@ -149,6 +168,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Bootstrap(a) => bootstrap(a),
         Command::Demo(a) => ward::demo::run(a).await,
         Command::Status(a) => status(a).await,
+        Command::Ca {
+            command: CaCommand::Rotate { admin_addr, wait },
+        } => ca_rotate(admin_addr, wait).await,
         Command::SampleApp(a) => {
             let listener = ward::sample_app::bind(a.listen).await?;
             let token = tokio_util::sync::CancellationToken::new();
@@ -240,6 +262,51 @@ fn bootstrap(a: BootstrapArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn ca_rotate(admin_addr: SocketAddr, wait: bool) -> anyhow::Result<()> {
+    let base = format!("http://{admin_addr}");
+    let client = reqwest::Client::new();
+    let resp = client
+        .post(format!("{base}/ca/rotate"))
+        .send()
+        .await
+        .with_context(|| format!("is Ward running with --admin-addr {admin_addr}?"))?;
+    let status = resp.status();
+    let text = resp.text().await?;
+    if !status.is_success() {
+        bail!("root rotation refused: {}", text.trim());
+    }
+    println!("{}", text.trim());
+    if !wait {
+        return Ok(());
+    }
+    let mut last = String::new();
+    loop {
+        let certs: serde_json::Value = client
+            .get(format!("{base}/debug/certs"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let r = &certs["root_rotation"];
+        let line = format!(
+            "{}: {} ({} of {} proxies)",
+            r["phase"].as_str().unwrap_or("?"),
+            r["message"].as_str().unwrap_or(""),
+            r["acked"],
+            r["total"]
+        );
+        if line != last {
+            println!("{line}");
+            last = line;
+        }
+        match r["phase"].as_str() {
+            Some("done") => return Ok(()),
+            Some("failed") => bail!("root rotation failed"),
+            _ => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+}
+
 async fn status(a: StatusArgs) -> anyhow::Result<()> {
     let base = format!("http://{}", a.admin_addr);
     let client = reqwest::Client::new();
@@ -294,6 +361,16 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
                 println!();
             }
         }
+    }
+    let r = &certs["root_rotation"];
+    if r["phase"].as_str().is_some_and(|p| p != "idle") {
+        println!(
+            "root rotation: {} — {} ({} of {} proxies)",
+            r["phase"].as_str().unwrap_or("?"),
+            r["message"].as_str().unwrap_or(""),
+            r["acked"],
+            r["total"]
+        );
     }
     if let Some(list) = certs["certificates"].as_array() {
         println!(

@@ -104,7 +104,7 @@ async fn envoy_serials(mesh: &LocalMesh, pod: &ObjectKey) -> BTreeSet<String> {
                 .as_str()
                 .is_some_and(|p| p.ends_with("xds-client.crt"));
             if !is_credential && let Some(s) = c["serial_number"].as_str() {
-                out.insert(s.to_string());
+                out.insert(norm(s));
             }
         }
     }
@@ -123,7 +123,12 @@ async fn stat(mesh: &LocalMesh, pod: &ObjectKey, name: &str) -> u64 {
 }
 
 fn leaf_serial(chain: &[Vec<u8>]) -> String {
-    ward::ca::cert_info(&chain[0]).unwrap().serial
+    norm(&ward::ca::cert_info(&chain[0]).unwrap().serial)
+}
+
+/// Envoy prints serials with leading zero nibbles; compare without them.
+fn norm(serial: &str) -> String {
+    serial.trim_start_matches('0').to_lowercase()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -510,5 +515,141 @@ async fn plugged_in_intermediate_chain_verifies_with_openssl() {
                 .unwrap()
         )
     );
+    mesh.stop().await;
+}
+
+/// Serial numbers of the CA certificates (trust bundle) an Envoy holds.
+async fn envoy_ca_serials(mesh: &LocalMesh, pod: &ObjectKey) -> BTreeSet<String> {
+    let body = mesh.sidecars[pod].admin_get("/certs").await.unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let mut out = BTreeSet::new();
+    for entry in v["certificates"].as_array().into_iter().flatten() {
+        for c in entry["ca_cert"].as_array().into_iter().flatten() {
+            let is_xds = c["path"]
+                .as_str()
+                .is_some_and(|p| p.ends_with("xds-ca.crt"));
+            if !is_xds && let Some(s) = c["serial_number"].as_str() {
+                out.insert(norm(s));
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_rotation_under_load_fails_no_request() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut mesh = LocalMesh::start(config(
+        tmp.path(),
+        "rootrot",
+        "127.0.15",
+        "127.0.16",
+        RotationConfig::default(),
+    ))
+    .await
+    .unwrap();
+    mesh.wait_converged(Duration::from_secs(30)).await.unwrap();
+    let old_root = norm(&mesh.ward.authority.signing_cert().serial);
+    let admin = mesh.ward.admin_addr;
+
+    // Constant load through the mesh (bounded in count and time).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            let client = reqwest::Client::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                && ok + (failed.len() as u32) < 20_000
+            {
+                match client.get("http://127.0.16.10:8080/call").send().await {
+                    Ok(r) if r.status().is_success() => ok += 1,
+                    Ok(r) => failed.push(format!(
+                        "{}: {}",
+                        r.status(),
+                        r.text().await.unwrap_or_default()
+                    )),
+                    Err(e) => failed.push(e.to_string()),
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            (ok, failed)
+        })
+    };
+
+    let resp = reqwest::Client::new()
+        .post(format!("http://{admin}/ca/rotate"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let done = eventually(Duration::from_secs(60), || async {
+        let v: serde_json::Value = reqwest::get(format!("http://{admin}/debug/certs"))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        let phase = v["root_rotation"]["phase"].as_str()?.to_string();
+        assert_ne!(phase, "failed", "{v}");
+        (phase == "done").then_some(v)
+    })
+    .await
+    .expect("root rotation completes");
+    let new_root = done["root_rotation"]["new_root"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(new_root, old_root);
+
+    // Keep the load going a little after the switch, then stop it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = load.await.unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} failed requests, e.g. {:?}",
+        failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+    assert!(ok > 20, "only {ok} requests ran during the rotation");
+
+    // ROOTCA holds only the new root in every Envoy, and every leaf chains to it.
+    for pod in mesh.sidecars.keys() {
+        let cas = envoy_ca_serials(&mesh, pod).await;
+        assert_eq!(
+            cas,
+            BTreeSet::from([new_root.clone()]),
+            "{pod}'s trust bundle"
+        );
+    }
+    let certs: serde_json::Value = reqwest::get(format!("http://{admin}/debug/certs"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let bundle = certs["trust_bundle"].as_array().unwrap();
+    assert_eq!(bundle.len(), 1);
+    assert_eq!(norm(bundle[0]["serial"].as_str().unwrap()), new_root);
+    for c in certs["certificates"].as_array().unwrap() {
+        assert_eq!(
+            c["issuer"], bundle[0]["subject"],
+            "leaf issued by the new root: {c}"
+        );
+        for e in c["envoy"].as_array().unwrap() {
+            assert_eq!(
+                e["acked_current"], true,
+                "Envoy serves the current leaf: {c}"
+            );
+        }
+    }
+    // New handshakes through the mesh work on the new root.
+    let r = reqwest::get("http://127.0.16.10:8080/call").await.unwrap();
+    assert!(r.status().is_success());
+    // The new root is what a restart will load.
+    let on_disk = std::fs::read_to_string(tmp.path().join("state/ca/root.crt")).unwrap();
+    let der = ward::ca::pem_to_der_certs(&on_disk).unwrap();
+    assert_eq!(norm(&ward::ca::cert_info(&der[0]).unwrap().serial), new_root);
     mesh.stop().await;
 }

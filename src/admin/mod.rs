@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::ca::CertManager;
+use crate::ca::{CertManager, RootRotation};
 use crate::discovery::DiscoveryStatus;
 use crate::metrics::Metrics;
 use crate::xds::{MeshSnapshot, ProxyRegistry};
@@ -26,6 +26,7 @@ pub struct AdminState {
     pub registry: Arc<ProxyRegistry>,
     pub metrics: Arc<Metrics>,
     pub certs: CertManager,
+    pub rotation: RootRotation,
     pub discovery: watch::Receiver<Arc<DiscoveryStatus>>,
     pub snapshots: watch::Receiver<Arc<MeshSnapshot>>,
 }
@@ -39,6 +40,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/debug/certs", get(certs))
         .route("/debug/config", get(config))
         .route("/debug/mesh", get(mesh))
+        .route("/ca/rotate", axum::routing::post(rotate_root))
         .with_state(state)
 }
 
@@ -122,8 +124,21 @@ async fn certs(State(s): State<AdminState>) -> Json<serde_json::Value> {
         "trust_bundle": roots,
         "certificates": certificates,
         "reused_from_store": s.certs.reused_total(),
+        "root_rotation": s.rotation.status(),
         "issued": s.certs.issued_total(),
     }))
+}
+
+/// Start a zero-downtime root rotation (`ward ca rotate`).
+async fn rotate_root(State(s): State<AdminState>) -> Response {
+    match s.rotation.request() {
+        Ok(()) => (
+            StatusCode::ACCEPTED,
+            "root rotation started; follow it in /debug/certs\n",
+        )
+            .into_response(),
+        Err(e) => (StatusCode::CONFLICT, format!("{e}\n")).into_response(),
+    }
 }
 
 async fn config(State(s): State<AdminState>) -> Json<serde_json::Value> {

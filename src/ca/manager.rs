@@ -207,6 +207,12 @@ impl CertManager {
         Ok(())
     }
 
+    /// Drop certificates kept only for reconnects (no subscriber): after a
+    /// root rotation they chain to a root that is leaving the bundle.
+    pub fn forget_released(&self) {
+        self.entries().retain(|_, e| e.subscribers > 0);
+    }
+
     /// The trust bundle (PEM) certificates are issued with now.
     pub fn trust_bundle_pem(&self) -> String {
         self.signer().trust_bundle_pem()

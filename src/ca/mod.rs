@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 pub mod authority;
 pub mod manager;
+pub mod rotation;
 pub mod store;
 
 pub use authority::{
@@ -19,6 +20,7 @@ pub use authority::{
     der_to_pem, parse_spiffe_id, pem_to_der_certs, xds_client_identity,
 };
 pub use manager::{CertManager, CertStatus, RotationConfig, Signer, WorkloadCert};
+pub use rotation::{AckSource, ProxyAck, RootRotation, RootRotator, RotationStatus};
 pub use store::write_private_file;
 
 /// Everything that can go wrong in the CA. Messages name the file, the

@@ -106,6 +106,19 @@ pub fn unix_now() -> u64 {
         .unwrap_or_default()
 }
 
+impl crate::ca::AckSource for ProxyRegistry {
+    fn acks(&self) -> Vec<crate::ca::ProxyAck> {
+        self.list()
+            .into_iter()
+            .map(|p| crate::ca::ProxyAck {
+                pod: p.pod,
+                issuer: p.cert.as_ref().map(|c| c.issuer.clone()),
+                bundle: p.cert.map(|c| c.bundle),
+            })
+            .collect()
+    }
+}
+
 /// All connected proxies.
 #[derive(Debug, Default)]
 pub struct ProxyRegistry {
