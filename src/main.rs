@@ -374,12 +374,50 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
     }
     if let Some(list) = certs["certificates"].as_array() {
         println!(
-            "{} certificate{}",
+            "{} certificate{} (issuing root: {})",
             list.len(),
-            if list.len() == 1 { "" } else { "s" }
+            if list.len() == 1 { "" } else { "s" },
+            certs["trust_bundle"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|r| r["subject"].as_str())
+                .collect::<Vec<_>>()
+                .join(" + ")
         );
         for c in list {
-            println!("  {}", serde_json::to_string(c)?);
+            let envoy = c["envoy"].as_array().cloned().unwrap_or_default();
+            let acked = if envoy.is_empty() {
+                "not connected".to_string()
+            } else if envoy.iter().all(|e| e["acked_current"] == true) {
+                "Envoy ACKed it".to_string()
+            } else if envoy.iter().any(|e| e["past_80_percent"] == true) {
+                "WARNING: Envoy serves an older certificate past 80% of its life".to_string()
+            } else {
+                "Envoy has not ACKed it yet".to_string()
+            };
+            let not_after = c["not_after"]["secs_since_epoch"]
+                .as_u64()
+                .map(|s| {
+                    humantime::format_rfc3339_seconds(
+                        std::time::UNIX_EPOCH + Duration::from_secs(s),
+                    )
+                    .to_string()
+                })
+                .unwrap_or_else(|| "?".into());
+            println!(
+                "  {}  {}  serial {}  notAfter {}  issuer {}  rotations {}  — {}",
+                c["proxy"].as_str().unwrap_or("?"),
+                c["spiffe_id"].as_str().unwrap_or("?"),
+                c["serial"].as_str().unwrap_or("?"),
+                not_after,
+                c["issuer"].as_str().unwrap_or("?"),
+                c["rotations"],
+                acked
+            );
+            if let Some(e) = c["last_error"].as_str() {
+                println!("    last signing error: {e}");
+            }
         }
     }
     Ok(())

@@ -650,6 +650,9 @@ async fn root_rotation_under_load_fails_no_request() {
     // The new root is what a restart will load.
     let on_disk = std::fs::read_to_string(tmp.path().join("state/ca/root.crt")).unwrap();
     let der = ward::ca::pem_to_der_certs(&on_disk).unwrap();
-    assert_eq!(norm(&ward::ca::cert_info(&der[0]).unwrap().serial), new_root);
+    assert_eq!(
+        norm(&ward::ca::cert_info(&der[0]).unwrap().serial),
+        new_root
+    );
     mesh.stop().await;
 }

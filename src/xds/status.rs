@@ -119,6 +119,52 @@ impl crate::ca::AckSource for ProxyRegistry {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn acked(not_before: u64, not_after: u64) -> AckedCert {
+        AckedCert {
+            serial: "1".into(),
+            not_before,
+            not_after,
+            issuer: "root".into(),
+            bundle: "b".into(),
+            bundle_roots: vec![],
+        }
+    }
+
+    #[test]
+    fn past_a_fraction_of_lifetime() {
+        let c = acked(1000, 2000);
+        assert!(!c.past(0.8, 1799));
+        assert!(c.past(0.8, 1800));
+        assert!(c.past(0.8, 5000));
+    }
+
+    #[test]
+    fn registry_tracks_acked_certificates_and_forgets_closed_streams() {
+        let r = ProxyRegistry::new();
+        let id = r.next_stream_id();
+        r.insert(ProxyStatus {
+            stream: id,
+            pod: "demo/a".into(),
+            identity: "spiffe://cluster.local/ns/demo/sa/a".into(),
+            authenticated: true,
+            peer: "127.0.0.1:1".into(),
+            connected_at: 0,
+            types: Default::default(),
+            cert: None,
+        });
+        r.set_cert(id, acked(0, 10));
+        use crate::ca::AckSource;
+        let acks = r.acks();
+        assert_eq!(acks[0].issuer.as_deref(), Some("root"));
+        r.remove(id);
+        assert!(r.is_empty());
+    }
+}
+
 /// All connected proxies.
 #[derive(Debug, Default)]
 pub struct ProxyRegistry {
