@@ -179,8 +179,7 @@ impl FakeKube {
         } else {
             obj["metadata"]["uid"] = st.objects[&key]["metadata"]["uid"].clone();
         }
-        let rv = store(&mut st, &self.signals, key, obj, !exists);
-        rv
+        store(&mut st, &self.signals, key, obj, !exists)
     }
 
     /// Delete an object as the cluster would; `false` if it did not exist.
