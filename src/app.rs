@@ -13,7 +13,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminState};
 use crate::ca::{Authority, CertManager, RootRotation, RootRotator, RotationConfig};
-use crate::discovery::DirSource;
+use crate::discovery::{DirSource, KubeSource, MeshNamespaces};
+use crate::ha::{LeaderConfig, LeaderElector, PolicyEvents, TrustBundlePublisher};
 use crate::metrics::{Metrics, Sampled};
 use crate::xds::{self, MeshCache, ProxyRegistry, XdsContext, XdsTls};
 
@@ -39,6 +40,40 @@ pub struct ServeConfig {
     pub xds_server_names: Vec<String>,
 }
 
+/// `ward serve --kubernetes` settings: discovery from the API server, the
+/// CA in a Secret, leader election.
+#[derive(Clone)]
+pub struct KubeServe {
+    /// The API client: in-cluster config or KUBECONFIG in production
+    /// (`kube::Client::try_default`), a fake API server in tests.
+    pub client: kube::Client,
+    /// Which namespaces are in the mesh.
+    pub namespaces: MeshNamespaces,
+    /// Ward's own namespace: the CA Secret and the Lease live there.
+    pub ward_namespace: String,
+    /// Name of the CA Secret (`ward-ca`); ignored with `ca_files`.
+    pub ca_secret: String,
+    /// This replica's name (the pod name), as the Lease holder.
+    pub identity: String,
+    /// Lease duration (~15 s).
+    pub lease_duration: Duration,
+    /// Lease renew period (~5 s).
+    pub renew_every: Duration,
+    /// How often the leader re-checks every trust-bundle ConfigMap.
+    pub resync: Duration,
+}
+
+impl std::fmt::Debug for KubeServe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeServe")
+            .field("namespaces", &self.namespaces)
+            .field("ward_namespace", &self.ward_namespace)
+            .field("ca_secret", &self.ca_secret)
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A started Ward.
 pub struct Running {
     pub xds_addr: SocketAddr,
@@ -53,6 +88,9 @@ pub struct Running {
     pub registry: Arc<ProxyRegistry>,
     /// Start and follow mesh root rotations.
     pub rotation: RootRotation,
+    /// Kubernetes mode: whether this replica leads (always `false` in
+    /// directory mode, where there is nothing to lead).
+    pub leader: tokio::sync::watch::Receiver<bool>,
     tasks: TaskTracker,
 }
 
@@ -98,16 +136,63 @@ pub fn load_authority(cfg: &ServeConfig) -> anyhow::Result<Authority> {
 
 /// Build, bind and spawn everything; returns once listeners are bound.
 pub async fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
-    let authority = Arc::new(load_authority(&cfg)?);
-    let xds_ca = Arc::new(load_xds_ca(&cfg.state_dir, &cfg.trust_domain)?);
+    start_with(cfg, None).await
+}
+
+/// Like [`start`], with discovery from the Kubernetes API, the CA in a
+/// Secret (unless `cfg.ca_files` plugs one in) and leader election;
+/// `cfg.config_dir` and `cfg.state_dir` are unused.
+pub async fn start_kubernetes(cfg: ServeConfig, kube: KubeServe) -> anyhow::Result<Running> {
+    start_with(cfg, Some(kube)).await
+}
+
+/// The discovery source of either mode.
+enum Source {
+    Dir(DirSource),
+    Kube(KubeSource),
+}
+
+async fn start_with(cfg: ServeConfig, kube: Option<KubeServe>) -> anyhow::Result<Running> {
+    let authority = Arc::new(match (&kube, &cfg.ca_files) {
+        (Some(k), None) => {
+            let api = kube::Api::namespaced(k.client.clone(), &k.ward_namespace);
+            crate::ha::load_or_create_ca(&api, &k.ward_namespace, &k.ca_secret, &cfg.trust_domain)
+                .await
+                .context("loading the CA from its Secret")?
+                .0
+        }
+        _ => load_authority(&cfg)?,
+    });
+    // The xDS CA must be the same on every replica: sidecars trust it for
+    // Ward's serving certificate and present credentials it signed.
+    let xds_ca = Arc::new(match &kube {
+        Some(k) => {
+            let api = kube::Api::namespaced(k.client.clone(), &k.ward_namespace);
+            let name = format!("{}-xds", k.ca_secret);
+            crate::ha::load_or_create_ca(&api, &k.ward_namespace, &name, &cfg.trust_domain)
+                .await
+                .context("loading the xDS CA from its Secret")?
+                .0
+        }
+        None => load_xds_ca(&cfg.state_dir, &cfg.trust_domain)?,
+    });
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
     let metrics = Arc::new(Metrics::new());
     let registry = Arc::new(ProxyRegistry::new());
 
-    let dir = DirSource::new(cfg.config_dir.clone());
-    let meshes = dir.mesh();
-    let discovery = dir.status();
+    let (source, meshes, discovery) = match &kube {
+        None => {
+            let dir = DirSource::new(cfg.config_dir.clone());
+            let (m, s) = (dir.mesh(), dir.status());
+            (Source::Dir(dir), m, s)
+        }
+        Some(k) => {
+            let src = KubeSource::new(k.client.clone(), k.namespaces.clone());
+            let (m, s) = (src.mesh(), src.status());
+            (Source::Kube(src), m, s)
+        }
+    };
     let certs = CertManager::new(authority.clone(), cfg.rotation.clone());
     certs
         .persist_to(cfg.state_dir.join("certs"))
@@ -159,7 +244,9 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
         authority.clone(),
         certs.clone(),
         registry.clone(),
-        cfg.ca_files.is_none().then(|| cfg.state_dir.clone()),
+        // Root rotation rewrites the root in --state-dir; a plugged-in CA
+        // or one kept in a Kubernetes Secret is replaced by its owner.
+        (cfg.ca_files.is_none() && kube.is_none()).then(|| cfg.state_dir.clone()),
     );
 
     let xds_listener = TcpListener::bind(cfg.xds_addr)
@@ -221,10 +308,42 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
             }
         }
     };
-    {
-        let on_exit = fatal("directory discovery", shutdown.clone());
-        let s = shutdown.clone();
-        tasks.spawn(async move { on_exit(dir.run(s).await.map_err(|e| e.to_string())) });
+    let mut leader = tokio::sync::watch::Sender::new(false).subscribe();
+    match source {
+        Source::Dir(dir) => {
+            let on_exit = fatal("directory discovery", shutdown.clone());
+            let s = shutdown.clone();
+            tasks.spawn(async move { on_exit(dir.run(s).await.map_err(|e| e.to_string())) });
+        }
+        Source::Kube(src) => {
+            let Some(k) = &kube else {
+                anyhow::bail!("kubernetes source without kubernetes settings");
+            };
+            let namespaces = src.namespaces();
+            let status = src.status();
+            let on_exit = fatal("kubernetes discovery", shutdown.clone());
+            let s = shutdown.clone();
+            tasks.spawn(async move { on_exit(src.run(s).await.map_err(|e| e.to_string())) });
+
+            let mut lc = LeaderConfig::new(&k.ward_namespace, &k.identity);
+            lc.lease_duration = k.lease_duration;
+            lc.renew_every = k.renew_every;
+            lc.renew_deadline = k.lease_duration * 2 / 3;
+            let elector = LeaderElector::new(k.client.clone(), lc);
+            leader = elector.is_leader();
+            tasks.spawn(elector.run(shutdown.clone()));
+            let publisher = TrustBundlePublisher::new(
+                k.client.clone(),
+                authority.trust_bundle_pem(),
+                namespaces,
+                leader.clone(),
+                k.resync,
+            );
+            tasks.spawn(publisher.run(shutdown.clone()));
+            let events =
+                PolicyEvents::new(k.client.clone(), status, leader.clone(), k.identity.clone());
+            tasks.spawn(events.run(shutdown.clone()));
+        }
     }
     tasks.spawn(mesh_cache.run(shutdown.clone()));
     tasks.spawn(certs.clone().run(shutdown.clone()));
@@ -259,6 +378,7 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
         xds_ca,
         registry,
         rotation,
+        leader,
         tasks,
     })
 }

@@ -18,7 +18,8 @@
 //! ```
 //!
 //! - [`model`]: services, workloads, endpoints, identities; no k8s/Envoy types.
-//! - [`discovery`]: Kubernetes-style YAML (directory) → [`model::Mesh`].
+//! - [`discovery`]: Kubernetes objects (a directory, or the API) → [`model::Mesh`].
+//! - [`ha`]: Kubernetes replicas: Lease leader, CA Secret, trust bundle, Events.
 //! - [`ca`]: the built-in certificate authority and per-proxy certificates.
 //! - [`translate`]: the pure model → Envoy resources function; [`translate::names`]
 //!   builds every resource name.
@@ -32,6 +33,7 @@ pub mod bootstrap;
 pub mod ca;
 pub mod demo;
 pub mod discovery;
+pub mod ha;
 pub mod local;
 pub mod metrics;
 pub mod model;

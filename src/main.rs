@@ -45,9 +45,10 @@ enum Command {
 
 #[derive(Args, Clone)]
 struct CommonArgs {
-    /// Directory of Kubernetes-style YAML: Services, Pods, EndpointSlices, policy ConfigMaps.
+    /// Directory of Kubernetes-style YAML: Services, Pods, EndpointSlices, policy ConfigMaps
+    /// (required unless `serve --kubernetes`).
     #[arg(long, env = "WARD_CONFIG_DIR")]
-    config_dir: PathBuf,
+    config_dir: Option<PathBuf>,
     /// Where Ward keeps its CA (created 0700; keys 0600).
     #[arg(long, env = "WARD_STATE_DIR", default_value = ".ward")]
     state_dir: PathBuf,
@@ -93,6 +94,40 @@ struct ServeArgs {
     /// Seconds to let streams finish on shutdown.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     shutdown_deadline: Duration,
+    #[command(flatten)]
+    kube: KubeArgs,
+}
+
+/// `ward serve --kubernetes`: discovery from the API server (in-cluster
+/// config or KUBECONFIG), the CA in a Secret, leader election.
+#[derive(Args)]
+struct KubeArgs {
+    /// Read Services, EndpointSlices, Pods and policy ConfigMaps from the Kubernetes API
+    /// instead of --config-dir; keep the CA in a Secret; elect a leader with a Lease.
+    #[arg(long, env = "WARD_KUBERNETES")]
+    kubernetes: bool,
+    /// Which namespaces are in the mesh: `all`, or a namespace label selector.
+    #[arg(
+        long,
+        env = "WARD_MESH_NAMESPACES",
+        default_value = "ward.io/mesh=enabled"
+    )]
+    mesh_namespaces: ward::discovery::MeshNamespaces,
+    /// Ward's own namespace (the CA Secret and the leader Lease live there).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "ward-system")]
+    ward_namespace: String,
+    /// Name of the Secret holding the CA (ca.crt, ca.key[, chain.crt]); created if absent.
+    #[arg(long, env = "WARD_CA_SECRET", default_value = ward::ha::CA_SECRET)]
+    ca_secret: String,
+    /// This replica's identity in the leader Lease (the pod name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// How long the leader Lease lasts without renewal.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    lease_duration: Duration,
+    /// How often the leader renews (and followers retry).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    lease_renew: Duration,
 }
 
 #[derive(Args)]
@@ -198,8 +233,20 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
             a.rotate_jitter
         );
     }
+    if a.kube.lease_renew >= a.kube.lease_duration {
+        bail!(
+            "--lease-renew {:?}: must be shorter than --lease-duration {:?}",
+            a.kube.lease_renew,
+            a.kube.lease_duration
+        );
+    }
+    let config_dir = match (&a.common.config_dir, a.kube.kubernetes) {
+        (Some(d), _) => d.clone(),
+        (None, true) => PathBuf::new(),
+        (None, false) => bail!("--config-dir is required (or --kubernetes)"),
+    };
     let cfg = ServeConfig {
-        config_dir: a.common.config_dir,
+        config_dir,
         state_dir: a.common.state_dir,
         xds_addr: a.xds_addr,
         admin_addr: a.admin_addr,
@@ -214,7 +261,30 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         ca_files: a.ca_cert.zip(a.ca_key).map(|(c, k)| (c, k, a.ca_chain)),
         xds_server_names: a.xds_server_names,
     };
-    let running = app::start(cfg).await?;
+    let running = if a.kube.kubernetes {
+        let client = kube::Client::try_default()
+            .await
+            .context("connecting to Kubernetes (in-cluster config or KUBECONFIG)")?;
+        let identity = match a.kube.identity {
+            Some(i) => i,
+            None => {
+                std::env::var("HOSTNAME").unwrap_or_else(|_| format!("ward-{}", std::process::id()))
+            }
+        };
+        let k = app::KubeServe {
+            client,
+            namespaces: a.kube.mesh_namespaces,
+            ward_namespace: a.kube.ward_namespace,
+            ca_secret: a.kube.ca_secret,
+            identity,
+            lease_duration: a.kube.lease_duration,
+            renew_every: a.kube.lease_renew,
+            resync: Duration::from_secs(60),
+        };
+        app::start_kubernetes(cfg, k).await?
+    } else {
+        app::start(cfg).await?
+    };
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
         _ = running.wait() => tracing::info!("shutting down"),
@@ -224,8 +294,11 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
 }
 
 fn bootstrap(a: BootstrapArgs) -> anyhow::Result<()> {
-    let (mesh, _, errors) = DirSource::load_once(&a.common.config_dir)
-        .with_context(|| format!("reading --config-dir {}", a.common.config_dir.display()))?;
+    let Some(config_dir) = a.common.config_dir.clone() else {
+        bail!("--config-dir is required");
+    };
+    let (mesh, _, errors) = DirSource::load_once(&config_dir)
+        .with_context(|| format!("reading --config-dir {}", config_dir.display()))?;
     for e in &errors {
         eprintln!("warning: {e}");
     }

@@ -383,6 +383,37 @@ impl Authority {
         Ok(auth)
     }
 
+    /// Build from PEM texts held elsewhere than in files (a Kubernetes
+    /// Secret): `origin` names where they came from in error messages (e.g.
+    /// `Secret ward-system/ward-ca key ca.crt`). Same rules as
+    /// [`Authority::from_files`].
+    pub fn from_pem_text(
+        origin: &str,
+        cert_pem: &str,
+        key_pem: &str,
+        chain_pem: Option<&str>,
+        trust_domain: &str,
+    ) -> Result<Authority, CaError> {
+        validate_trust_domain(trust_domain)?;
+        let cert = PathBuf::from(format!("{origin} ca.crt"));
+        let key = PathBuf::from(format!("{origin} ca.key"));
+        let chain = PathBuf::from(format!("{origin} chain.crt"));
+        Authority::from_pem(
+            (&cert, cert_pem),
+            (&key, key_pem),
+            chain_pem.map(|c| (chain.as_path(), c)),
+            trust_domain,
+        )
+    }
+
+    /// A new self-signed root as PEM (certificate, key), for stores other
+    /// than the state directory (a Kubernetes Secret). Load it with
+    /// [`Authority::from_pem_text`].
+    pub fn generate_root_pem(trust_domain: &str) -> Result<(String, SecretPem), CaError> {
+        validate_trust_domain(trust_domain)?;
+        generate_root(trust_domain, RootKind::Mesh)
+    }
+
     /// Sign a probe leaf and check it chains to the signing certificate.
     /// rcgen rebuilds the issuer name from the parsed subject; a subject it
     /// cannot reproduce byte for byte (multi-valued RDNs, repeated

@@ -178,7 +178,7 @@ impl RootRotator {
     async fn rotate(&mut self) -> Result<(), CaError> {
         let Some(state_dir) = self.state_dir.clone() else {
             return Err(CaError::InvalidCert(
-                "the mesh CA is plugged in (--ca-cert): rotate it by supplying the new CA files"
+                "the mesh CA is plugged in (--ca-cert) or kept in a Kubernetes Secret: rotate it by replacing those (automatic rotation works for a root Ward keeps in --state-dir)"
                     .into(),
             ));
         };

@@ -12,14 +12,18 @@
 //!   object and field ([`ConfigError`]).
 //! - [`dir`]: a directory of YAML/JSON manifests, watched with `notify`, with
 //!   per-file last-good semantics.
+//! - [`kube`](self::kube): the Kubernetes API (kube-runtime watchers and
+//!   reflectors), same outputs as the directory source.
 
 pub mod convert;
 pub mod dir;
+pub mod kube;
 pub mod objects;
 
 use std::fmt;
 use std::path::PathBuf;
 
+pub use self::kube::{KubeSource, MeshNamespaces};
 pub use convert::build_mesh;
 pub use dir::DirSource;
 pub use objects::{KubeObject, ObjectCounts, ObjectKind, ObjectSet};
@@ -133,4 +137,6 @@ pub enum DiscoveryError {
     },
     #[error("discovery directory {}: reload task failed: {message}", dir.display())]
     Reload { dir: PathBuf, message: String },
+    #[error("kubernetes discovery: {0}")]
+    Kube(String),
 }
