@@ -19,6 +19,7 @@
 //!
 //! - [`model`]: services, workloads, endpoints, identities; no k8s/Envoy types.
 //! - [`discovery`]: Kubernetes-style YAML (directory) → [`model::Mesh`].
+//! - [`policy`]: mTLS modes from policy ConfigMaps, precedence, safe rollout, explain.
 //! - [`ca`]: the built-in certificate authority and per-proxy certificates.
 //! - [`translate`]: the pure model → Envoy resources function; [`translate::names`]
 //!   builds every resource name.
@@ -35,6 +36,7 @@ pub mod discovery;
 pub mod local;
 pub mod metrics;
 pub mod model;
+pub mod policy;
 pub mod probe;
 pub mod sample_app;
 pub mod translate;

@@ -263,22 +263,23 @@ async fn run_stream(
     };
     tracing::info!(pod = %pod, identity = %id, stream, "proxy connected");
 
+    // Also returns the snapshot generation the resources were built from
+    // (status records it per ACK; the policy rollout waits on it).
     let build = |snapshots: &mut watch::Receiver<Arc<MeshSnapshot>>,
-                 certs: &mut watch::Receiver<Arc<crate::ca::WorkloadCert>>,
-                 last: Option<&ProxyResources>|
-     -> Option<ProxyResources> {
+                 certs: &mut watch::Receiver<Arc<crate::ca::WorkloadCert>>|
+     -> Option<(ProxyResources, u64)> {
         let view = snapshots.borrow_and_update().clone();
         let cert = certs.borrow_and_update().clone();
         match proxy_snapshot(&view, &ctx.trust_domain, &pod, &cert) {
-            Ok(r) => Some(r),
+            Ok(r) => Some((r, view.generation)),
             Err(e) => {
                 ctx.metrics.inconsistent_snapshots.inc();
                 tracing::error!(pod = %pod, "snapshot withheld, last one stays in force: {e}");
-                last.cloned()
+                None
             }
         }
     };
-    let mut current = build(&mut snapshots, &mut certs, None).unwrap_or_default();
+    let (mut current, mut generation) = build(&mut snapshots, &mut certs).unwrap_or_default();
     let mut sotw = SotwStream::new();
 
     let mut pending = Some(first);
@@ -306,10 +307,17 @@ async fn run_stream(
                 resp.into_iter().collect()
             }
             None => {
-                if let Some(next) = build(&mut snapshots, &mut certs, Some(&current)) {
+                if let Some((next, g)) = build(&mut snapshots, &mut certs) {
                     current = next;
+                    generation = g;
                 }
-                sotw.on_snapshot(&current)
+                let responses = sotw.on_snapshot(&current);
+                let sent: Vec<&'static str> = responses
+                    .iter()
+                    .map(|r| type_url::short(&r.type_url))
+                    .collect();
+                ctx.registry.observe_generation(stream, generation, &sent);
+                responses
             }
         };
         for resp in responses {
@@ -321,6 +329,7 @@ async fn run_stream(
             let version = resp.version_info.clone();
             ctx.registry.update(stream, short, |t| {
                 t.sent_version = Some(version);
+                t.sent_generation = Some(generation);
                 t.pushes += 1;
             });
             if tx.send(Ok(resp)).await.is_err() {
@@ -346,6 +355,7 @@ fn record_request(
                 .inc();
             ctx.registry.update(stream, short, |t| {
                 t.acked_version = Some(version.clone());
+                t.acked_generation = t.sent_generation;
                 t.acks += 1;
             });
         }
