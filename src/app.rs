@@ -15,6 +15,7 @@ use crate::admin::{self, AdminState};
 use crate::ca::{Authority, CertManager, RotationConfig};
 use crate::discovery::DirSource;
 use crate::metrics::{Metrics, Sampled};
+use crate::policy::{PolicyController, RolloutConfig};
 use crate::xds::{self, MeshCache, ProxyRegistry, XdsContext, XdsTls};
 
 /// Lifetime of Ward's own xDS serving certificate.
@@ -37,6 +38,9 @@ pub struct ServeConfig {
     pub ca_files: Option<(PathBuf, PathBuf, Option<PathBuf>)>,
     /// Extra DNS names on the xDS serving certificate.
     pub xds_server_names: Vec<String>,
+    /// mTLS policy rollout: how long one step waits for ACKs before it
+    /// proceeds anyway.
+    pub policy_step_timeout: Duration,
 }
 
 /// A started Ward.
@@ -46,6 +50,8 @@ pub struct Running {
     pub shutdown: CancellationToken,
     pub authority: Arc<Authority>,
     pub registry: Arc<ProxyRegistry>,
+    /// mTLS policy state (what `/debug/policy` shows).
+    pub policy: tokio::sync::watch::Receiver<Arc<crate::policy::PolicyStatus>>,
     tasks: TaskTracker,
 }
 
@@ -105,7 +111,29 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
             move || c.failures_total() as f64,
         ));
     }
+    // Discovery → policy controller (applies mTLS modes in safe steps) →
+    // the cache that translation reads.
+    let (policy, meshes) = PolicyController::new(
+        meshes,
+        registry.clone(),
+        RolloutConfig {
+            step_timeout: cfg.policy_step_timeout,
+            ..RolloutConfig::default()
+        },
+    );
     let (mesh_cache, snapshots) = MeshCache::new(meshes, cfg.trust_domain.clone());
+    let policy = policy
+        .with_snapshots(snapshots.clone())
+        .with_discovery(discovery.clone());
+    let policy_status = policy.status();
+    {
+        let p = policy_status.clone();
+        metrics.register_sampled(Sampled::gauge(
+            "policy_errors",
+            "Current mTLS policy ConfigMap errors (each names the ConfigMap and field)",
+            move || p.borrow().errors.len() as f64,
+        ));
+    }
 
     let xds_listener = TcpListener::bind(cfg.xds_addr)
         .await
@@ -153,6 +181,7 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
         certs: certs.clone(),
         discovery,
         snapshots,
+        policy: policy_status.clone(),
     };
 
     // A task that fails brings the whole process down (through the token)
@@ -170,6 +199,7 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
         let s = shutdown.clone();
         tasks.spawn(async move { on_exit(dir.run(s).await.map_err(|e| e.to_string())) });
     }
+    tasks.spawn(policy.run(shutdown.clone()));
     tasks.spawn(mesh_cache.run(shutdown.clone()));
     tasks.spawn(certs.clone().run(shutdown.clone()));
     {
@@ -200,6 +230,7 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
         shutdown,
         authority,
         registry,
+        policy: policy_status,
         tasks,
     })
 }

@@ -139,6 +139,7 @@ impl LocalMesh {
             rotation: config.rotation.clone(),
             ca_files: None,
             xds_server_names: vec![],
+            policy_step_timeout: Duration::from_secs(30),
         };
         let ward = app::start(serve).await?;
         let apps = CancellationToken::new();

@@ -117,17 +117,10 @@ pub fn build_mesh(objects: &ObjectSet) -> (Mesh, Vec<ConfigError>) {
             Err(errs) => report(ObjectKind::ConfigMap, key, errs),
         }
     }
+    // Errors of the selection (unknown service or port, two policies for
+    // a scope) are reported by the policy controller, which also knows
+    // each ConfigMap's last good version; here the offline view is built.
     let selection = crate::policy::resolve::select(&mesh, &BTreeMap::new());
-    for e in selection.errors {
-        // Every selection error is about one of the parsed ConfigMaps.
-        let key = mesh
-            .policies
-            .keys()
-            .find(|k| e.object == crate::policy::schema::object_name(k))
-            .cloned()
-            .unwrap_or_else(|| ObjectKey::new("", ""));
-        report(ObjectKind::ConfigMap, &key, vec![e]);
-    }
     mesh.mtls = crate::policy::resolve::converged(&crate::policy::resolve::resolve(
         &mesh,
         &selection.in_force,

@@ -15,6 +15,9 @@ use super::resolve::{ChainLink, Level, Resolved};
 use crate::model::{ClientTls, Mesh, MtlsMode, ObjectKey, ServicePortKey, TargetPort};
 use crate::translate::listener::inbound_chain_stat_prefix;
 
+/// Where `ward bootstrap` puts a sidecar's Envoy admin by default (on the pod IP).
+pub const DEFAULT_ENVOY_ADMIN_PORT: u16 = 15000;
+
 /// Why connection counts or a remote explanation could not be had.
 #[derive(Debug, thiserror::Error)]
 pub enum ExplainError {

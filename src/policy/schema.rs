@@ -275,6 +275,23 @@ mod tests {
             .map_err(|e| e.iter().map(ToString::to_string).collect())
     }
 
+    /// The shipped examples (manifests/policies) are valid policies.
+    #[test]
+    fn shipped_examples_parse() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/policies");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let cm: ConfigMap =
+                serde_norway::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            let meta = &cm.metadata;
+            let key = ObjectKey::new(meta.namespace.clone().unwrap(), meta.name.clone().unwrap());
+            parse_config_map(&key, &cm).unwrap_or_else(|e| panic!("{}: {e:?}", path.display()));
+            n += 1;
+        }
+        assert!(n >= 7, "one example per mode and per scope");
+    }
+
     #[test]
     fn parses_every_scope_case_insensitively() {
         let p = parse(&[("scope", "Mesh"), ("mode", "strict")]).unwrap();
