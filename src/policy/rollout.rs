@@ -23,7 +23,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use serde::Serialize;
 use tokio::sync::watch;
@@ -481,7 +483,7 @@ impl PolicyController {
             tokio::select! {
                 _ = shutdown.cancelled() => return None,
                 changed = snapshots.changed() => if changed.is_err() { return None },
-                _ = tokio::time::sleep_until(deadline.into()) => {
+                _ = tokio::time::sleep_until(deadline) => {
                     tracing::warn!("policy rollout: the xDS cache did not pick up the step; proceeding");
                     return Some(u64::MAX);
                 }
@@ -553,6 +555,182 @@ mod tests {
         }
         assert!(p.is_converged());
         steps
+    }
+
+    use crate::model::{Protocol, Service, ServicePort, TargetPort, Workload};
+    use crate::xds::MeshCache;
+    use crate::xds::status::TypeStatus;
+
+    /// demo/server (one port, 80) backed by demo/server-0, and a policy.
+    fn mesh(mode: Option<MtlsMode>) -> Mesh {
+        let mut m = Mesh::default();
+        let key = ObjectKey::new("demo", "server");
+        m.services.insert(
+            key.clone(),
+            Service {
+                key: key.clone(),
+                ports: vec![ServicePort {
+                    name: "http".into(),
+                    port: 80,
+                    target_port: TargetPort::Number(8080),
+                    protocol: Protocol::Http,
+                }],
+                selector: [("app".to_string(), "server".to_string())].into(),
+            },
+        );
+        let w = Workload {
+            key: ObjectKey::new("demo", "server-0"),
+            labels: [("app".to_string(), "server".to_string())].into(),
+            service_account: "server".into(),
+            ip: "127.0.4.250".parse().unwrap(),
+            ready: true,
+            ports: vec![],
+            app_ip: "127.0.5.250".parse().unwrap(),
+            outbound_ip: "127.0.4.250".parse().unwrap(),
+        };
+        m.workloads.insert(w.key.clone(), w);
+        if let Some(mode) = mode {
+            let cm = ObjectKey::new("demo", "p");
+            m.policies.insert(
+                cm.clone(),
+                Policy {
+                    config_map: cm,
+                    scope: crate::model::PolicyScope::Service(key),
+                    mode,
+                    ports: BTreeMap::new(),
+                },
+            );
+        }
+        m
+    }
+
+    fn proxy(registry: &ProxyRegistry, pod: &str) -> u64 {
+        let stream = registry.next_stream_id();
+        let t = TypeStatus {
+            sent_version: Some("v".into()),
+            acked_version: Some("v".into()),
+            sent_generation: Some(1),
+            acked_generation: Some(1),
+            ..TypeStatus::default()
+        };
+        registry.insert(ProxyStatus {
+            stream,
+            pod: pod.into(),
+            identity: String::new(),
+            authenticated: true,
+            peer: String::new(),
+            connected_at: 0,
+            types: [("lds", t.clone()), ("cds", t)].into(),
+        });
+        stream
+    }
+
+    async fn setup(
+        registry: Arc<ProxyRegistry>,
+    ) -> (
+        watch::Sender<Arc<Mesh>>,
+        watch::Receiver<Arc<PolicyStatus>>,
+        watch::Receiver<Arc<MeshSnapshot>>,
+        CancellationToken,
+    ) {
+        let (tx, rx) = watch::channel(Arc::new(mesh(None)));
+        let config = RolloutConfig {
+            step_timeout: Duration::from_secs(5),
+            poll: Duration::from_millis(50),
+        };
+        let (ctl, out) = PolicyController::new(rx, registry, config);
+        let (cache, snapshots) = MeshCache::new(out, "cluster.local");
+        let ctl = ctl.with_snapshots(snapshots.clone());
+        let status = ctl.status();
+        let shutdown = CancellationToken::new();
+        tokio::spawn(cache.run(shutdown.clone()));
+        tokio::spawn(ctl.run(shutdown.clone()));
+        (tx, status, snapshots, shutdown)
+    }
+
+    async fn wait_history(
+        status: &mut watch::Receiver<Arc<PolicyStatus>>,
+        n: usize,
+    ) -> Vec<StepRecord> {
+        loop {
+            let h = status.borrow_and_update().history.clone();
+            if h.len() >= n {
+                return h;
+            }
+            status.changed().await.unwrap();
+        }
+    }
+
+    /// A proxy that never ACKs cannot freeze policy: the step proceeds
+    /// after the timeout, naming it.
+    #[tokio::test(start_paused = true)]
+    async fn a_stuck_proxy_delays_a_step_until_the_timeout() {
+        let registry = Arc::new(ProxyRegistry::new());
+        proxy(&registry, "demo/server-0");
+        let (tx, mut status, _snapshots, shutdown) = setup(registry).await;
+        let t0 = tokio::time::Instant::now();
+        tx.send_replace(Arc::new(mesh(Some(Strict))));
+        let h = wait_history(&mut status, 1).await;
+        assert!(t0.elapsed() >= Duration::from_secs(5), "{:?}", t0.elapsed());
+        assert!(h[0].timed_out);
+        assert_eq!((h[0].applied, h[0].of), (0, 1));
+        assert_eq!(h[0].pending, vec!["demo/server-0"]);
+        assert_eq!(
+            h[0].ports,
+            vec!["demo/server:80: servers go STRICT (target STRICT)"]
+        );
+        let s = status.borrow().clone();
+        assert_eq!(s.services["demo/server"].ports[0].servers_accept, Strict);
+        assert!(s.rollout.is_none());
+        shutdown.cancel();
+    }
+
+    /// A proxy that ACKs the step's generation completes it at once; a
+    /// proxy of another service is not waited for.
+    #[tokio::test(start_paused = true)]
+    async fn a_step_completes_when_the_affected_proxies_ack() {
+        let registry = Arc::new(ProxyRegistry::new());
+        let stream = proxy(&registry, "demo/server-0");
+        let other = proxy(&registry, "other/unrelated-0");
+        let (tx, mut status, mut snapshots, shutdown) = setup(registry.clone()).await;
+        // The fake sidecar ACKs every snapshot it is "sent".
+        let acker = {
+            let registry = registry.clone();
+            tokio::spawn(async move {
+                loop {
+                    let g = snapshots.borrow_and_update().generation;
+                    for ty in ["lds", "cds"] {
+                        registry.update(stream, ty, |t| t.acked_generation = Some(g));
+                        registry.update(other, ty, |t| t.acked_generation = Some(g));
+                    }
+                    if snapshots.changed().await.is_err() {
+                        return;
+                    }
+                }
+            })
+        };
+        let t0 = tokio::time::Instant::now();
+        tx.send_replace(Arc::new(mesh(Some(Disable))));
+        let h = wait_history(&mut status, 2).await;
+        assert!(
+            t0.elapsed() < Duration::from_secs(1),
+            "{:?} {h:#?}",
+            t0.elapsed()
+        );
+        assert!(h.iter().all(|r| !r.timed_out && r.applied == r.of), "{h:?}");
+        assert_eq!(h[1].of, 1, "only the server's own sidecar is waited for");
+        // PERMISSIVE -> DISABLE: clients first (every proxy), then servers.
+        assert_eq!(
+            h[0].ports,
+            vec!["demo/server:80: clients switch to plaintext (target DISABLE)"]
+        );
+        assert_eq!(h[0].of, 2);
+        assert_eq!(
+            h[1].ports,
+            vec!["demo/server:80: servers go DISABLE (target DISABLE)"]
+        );
+        acker.abort();
+        shutdown.cancel();
     }
 
     #[test]
