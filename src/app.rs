@@ -16,6 +16,7 @@ use crate::ca::{Authority, CertManager, RootRotation, RootRotator, RotationConfi
 use crate::discovery::{DirSource, KubeSource, MeshNamespaces};
 use crate::ha::{LeaderConfig, LeaderElector, PolicyEvents, TrustBundlePublisher};
 use crate::metrics::{Metrics, Sampled};
+use crate::policy::{PolicyController, RolloutConfig};
 use crate::xds::{self, MeshCache, ProxyRegistry, XdsContext, XdsTls};
 
 /// Lifetime of Ward's own xDS serving certificate.
@@ -38,6 +39,9 @@ pub struct ServeConfig {
     pub ca_files: Option<(PathBuf, PathBuf, Option<PathBuf>)>,
     /// Extra DNS names on the xDS serving certificate.
     pub xds_server_names: Vec<String>,
+    /// mTLS policy rollout: how long one step waits for ACKs before it
+    /// proceeds anyway.
+    pub policy_step_timeout: Duration,
 }
 
 /// `ward serve --kubernetes` settings: discovery from the API server, the
@@ -91,6 +95,8 @@ pub struct Running {
     /// Kubernetes mode: whether this replica leads (always `false` in
     /// directory mode, where there is nothing to lead).
     pub leader: tokio::sync::watch::Receiver<bool>,
+    /// mTLS policy state (what `/debug/policy` shows).
+    pub policy: tokio::sync::watch::Receiver<Arc<crate::policy::PolicyStatus>>,
     tasks: TaskTracker,
 }
 
@@ -239,6 +245,16 @@ async fn start_with(cfg: ServeConfig, kube: Option<KubeServe>) -> anyhow::Result
             },
         ));
     }
+    // Discovery → policy controller (applies mTLS modes in safe steps) →
+    // the cache that translation reads.
+    let (policy, meshes) = PolicyController::new(
+        meshes,
+        registry.clone(),
+        RolloutConfig {
+            step_timeout: cfg.policy_step_timeout,
+            ..RolloutConfig::default()
+        },
+    );
     let (mesh_cache, snapshots) = MeshCache::new(meshes, cfg.trust_domain.clone());
     let (rotator, rotation) = RootRotator::new(
         authority.clone(),
@@ -248,6 +264,18 @@ async fn start_with(cfg: ServeConfig, kube: Option<KubeServe>) -> anyhow::Result
         // or one kept in a Kubernetes Secret is replaced by its owner.
         (cfg.ca_files.is_none() && kube.is_none()).then(|| cfg.state_dir.clone()),
     );
+    let policy = policy
+        .with_snapshots(snapshots.clone())
+        .with_discovery(discovery.clone());
+    let policy_status = policy.status();
+    {
+        let p = policy_status.clone();
+        metrics.register_sampled(Sampled::gauge(
+            "policy_errors",
+            "Current mTLS policy ConfigMap errors (each names the ConfigMap and field)",
+            move || p.borrow().errors.len() as f64,
+        ));
+    }
 
     let xds_listener = TcpListener::bind(cfg.xds_addr)
         .await
@@ -296,6 +324,7 @@ async fn start_with(cfg: ServeConfig, kube: Option<KubeServe>) -> anyhow::Result
         rotation: rotation.clone(),
         discovery,
         snapshots,
+        policy: policy_status.clone(),
     };
 
     // A task that fails brings the whole process down (through the token)
@@ -345,6 +374,7 @@ async fn start_with(cfg: ServeConfig, kube: Option<KubeServe>) -> anyhow::Result
             tasks.spawn(events.run(shutdown.clone()));
         }
     }
+    tasks.spawn(policy.run(shutdown.clone()));
     tasks.spawn(mesh_cache.run(shutdown.clone()));
     tasks.spawn(certs.clone().run(shutdown.clone()));
     tasks.spawn(rotator.run(shutdown.clone()));
@@ -379,6 +409,7 @@ async fn start_with(cfg: ServeConfig, kube: Option<KubeServe>) -> anyhow::Result
         registry,
         rotation,
         leader,
+        policy: policy_status,
         tasks,
     })
 }

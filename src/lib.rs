@@ -20,6 +20,7 @@
 //! - [`model`]: services, workloads, endpoints, identities; no k8s/Envoy types.
 //! - [`discovery`]: Kubernetes objects (a directory, or the API) → [`model::Mesh`].
 //! - [`ha`]: Kubernetes replicas: Lease leader, CA Secret, trust bundle, Events.
+//! - [`policy`]: mTLS modes from policy ConfigMaps, precedence, safe rollout, explain.
 //! - [`ca`]: the built-in certificate authority and per-proxy certificates.
 //! - [`translate`]: the pure model → Envoy resources function; [`translate::names`]
 //!   builds every resource name.
@@ -37,6 +38,7 @@ pub mod ha;
 pub mod local;
 pub mod metrics;
 pub mod model;
+pub mod policy;
 pub mod probe;
 pub mod sample_app;
 pub mod translate;

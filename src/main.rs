@@ -38,6 +38,9 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// Explain an object's mTLS policy (`ward describe service NAMESPACE/NAME`).
+    #[command(subcommand)]
+    Describe(DescribeCommand),
     /// A small HTTP app used by the demo and tests (knows nothing of TLS).
     #[command(hide = true)]
     SampleApp(SampleAppArgs),
@@ -91,6 +94,10 @@ struct ServeArgs {
     /// Extra DNS names for the xDS serving certificate (repeatable).
     #[arg(long = "xds-server-name")]
     xds_server_names: Vec<String>,
+    /// mTLS policy rollout: how long one step waits for every affected proxy
+    /// to ACK before proceeding anyway (with a warning).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    policy_step_timeout: Duration,
     /// Seconds to let streams finish on shutdown.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     shutdown_deadline: Duration,
@@ -175,6 +182,32 @@ enum CaCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum DescribeCommand {
+    /// Per port: effective mTLS mode, the policy chain behind it, what
+    /// clients send, the rollout step, and connection counts when available.
+    Service(DescribeServiceArgs),
+}
+
+#[derive(Args)]
+struct DescribeServiceArgs {
+    /// The service: NAMESPACE/NAME.
+    service: ObjectKey,
+    /// Read policies offline from this directory (the one `ward serve` reads).
+    #[arg(long, env = "WARD_CONFIG_DIR", required_unless_present = "admin_addr")]
+    config_dir: Option<PathBuf>,
+    /// Ask a running Ward instead (its /debug/policy: live rollout state),
+    /// and the server sidecars' Envoy admin for connection counts.
+    #[arg(long)]
+    admin_addr: Option<SocketAddr>,
+    /// Port of the sidecars' Envoy admin on the pod IP.
+    #[arg(long, default_value_t = ward::policy::explain::DEFAULT_ENVOY_ADMIN_PORT)]
+    envoy_admin_port: u16,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Args)]
 struct SampleAppArgs {
     #[arg(long)]
@@ -206,6 +239,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Ca {
             command: CaCommand::Rotate { admin_addr, wait },
         } => ca_rotate(admin_addr, wait).await,
+        Command::Describe(DescribeCommand::Service(a)) => describe_service(a).await,
         Command::SampleApp(a) => {
             let listener = ward::sample_app::bind(a.listen).await?;
             let token = tokio_util::sync::CancellationToken::new();
@@ -260,6 +294,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         },
         ca_files: a.ca_cert.zip(a.ca_key).map(|(c, k)| (c, k, a.ca_chain)),
         xds_server_names: a.xds_server_names,
+        policy_step_timeout: a.policy_step_timeout,
     };
     let running = if a.kube.kubernetes {
         let client = kube::Client::try_default()
@@ -492,6 +527,37 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
                 println!("    last signing error: {e}");
             }
         }
+    }
+    Ok(())
+}
+
+async fn describe_service(a: DescribeServiceArgs) -> anyhow::Result<()> {
+    use ward::policy::explain;
+    let mut e = match (&a.admin_addr, &a.config_dir) {
+        (Some(admin), _) => explain::fetch(&admin.to_string(), &a.service).await?,
+        (None, Some(dir)) => {
+            let (mesh, _, errors) = DirSource::load_once(dir)
+                .with_context(|| format!("reading --config-dir {}", dir.display()))?;
+            let selection = ward::policy::resolve::select(&mesh, &Default::default());
+            for e in errors
+                .iter()
+                .filter(|e| e.object.starts_with("ConfigMap "))
+                .chain(&selection.errors)
+            {
+                eprintln!("policy error: {e}");
+            }
+            let resolved = ward::policy::resolve::resolve(&mesh, &selection.in_force);
+            explain::explain_service(&mesh, &resolved, &Default::default(), &a.service)?
+        }
+        (None, None) => bail!("give --config-dir or --admin-addr"),
+    };
+    if a.admin_addr.is_some() {
+        explain::gather_counts(&mut e, a.envoy_admin_port).await;
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&e)?);
+    } else {
+        print!("{}", explain::render(&e));
     }
     Ok(())
 }

@@ -55,6 +55,15 @@ spec:
   serviceAccountName: client
   containers: [{name: app, image: x, ports: [{name: http, containerPort: 8080}]}]
 status: {podIP: 127.0.2.10}
+---
+# The mesh default is PERMISSIVE; this test checks STRICT refusals.
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: mesh-mtls
+  namespace: e2e
+  labels: {ward.io/policy: "true"}
+data: {scope: mesh, mode: STRICT}
 "#;
 
 const SERVER_INBOUND: &str = "127.0.2.20:8080";

@@ -29,6 +29,8 @@ pub struct AdminState {
     pub rotation: RootRotation,
     pub discovery: watch::Receiver<Arc<DiscoveryStatus>>,
     pub snapshots: watch::Receiver<Arc<MeshSnapshot>>,
+    /// mTLS policy: policies in force, errors, per-port explanation, rollout.
+    pub policy: watch::Receiver<Arc<crate::policy::PolicyStatus>>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -41,6 +43,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/debug/config", get(config))
         .route("/debug/mesh", get(mesh))
         .route("/ca/rotate", axum::routing::post(rotate_root))
+        .route("/debug/policy", get(policy))
         .with_state(state)
 }
 
@@ -143,7 +146,30 @@ async fn rotate_root(State(s): State<AdminState>) -> Response {
 
 async fn config(State(s): State<AdminState>) -> Json<serde_json::Value> {
     let status = s.discovery.borrow().clone();
-    Json(json!({ "discovery": *status }))
+    let policy = s.policy.borrow().clone();
+    Json(json!({ "discovery": *status, "policy_errors": policy.errors }))
+}
+
+/// `/debug/policy`: the policy status as JSON. `?connections=1` also asks
+/// each server sidecar's Envoy admin (`<pod IP>:15000`, or `?envoy_admin_port=`)
+/// for its mTLS / plaintext connection counts.
+async fn policy(
+    State(s): State<AdminState>,
+    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> Json<serde_json::Value> {
+    let mut status = (**s.policy.borrow()).clone();
+    if q.get("connections")
+        .is_some_and(|v| v == "1" || v == "true")
+    {
+        let port = q
+            .get("envoy_admin_port")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(crate::policy::explain::DEFAULT_ENVOY_ADMIN_PORT);
+        for svc in status.services.values_mut() {
+            crate::policy::explain::gather_counts(svc, port).await;
+        }
+    }
+    Json(serde_json::to_value(&status).unwrap_or_default())
 }
 
 async fn mesh(State(s): State<AdminState>) -> Json<serde_json::Value> {

@@ -105,6 +105,26 @@ pub fn build_mesh(objects: &ObjectSet) -> (Mesh, Vec<ConfigError>) {
         }
     }
     mesh.endpoints = endpoints;
+
+    // Policy ConfigMaps: parsed, checked against the services, resolved to
+    // the converged mode of every port (a rollout, if any, is the policy
+    // controller's business: it rewrites `mesh.mtls` while it runs).
+    for (key, cm) in &objects.config_maps {
+        match crate::policy::schema::parse_config_map(key, cm) {
+            Ok(p) => {
+                mesh.policies.insert(key.clone(), p);
+            }
+            Err(errs) => report(ObjectKind::ConfigMap, key, errs),
+        }
+    }
+    // Errors of the selection (unknown service or port, two policies for
+    // a scope) are reported by the policy controller, which also knows
+    // each ConfigMap's last good version; here the offline view is built.
+    let selection = crate::policy::resolve::select(&mesh, &BTreeMap::new());
+    mesh.mtls = crate::policy::resolve::converged(&crate::policy::resolve::resolve(
+        &mesh,
+        &selection.in_force,
+    ));
     (mesh, errors)
 }
 
@@ -125,13 +145,15 @@ pub fn object_key(meta: &ObjectMeta, object: &str) -> Result<ObjectKey, ConfigEr
 
 /// Validate one object on its own (what [`build_mesh`] would reject it
 /// for). Lets the directory source decide whether a file is good before
-/// merging it. ConfigMaps are validated by the policy module.
+/// merging it. Policy ConfigMaps are parsed by `crate::policy::schema`.
 pub fn validate_object(key: &ObjectKey, obj: &KubeObject) -> Vec<ConfigError> {
     match obj {
         KubeObject::Service(s) => convert_service(key, s).err().unwrap_or_default(),
         KubeObject::Pod(p) => convert_pod(key, p).err().unwrap_or_default(),
         KubeObject::EndpointSlice(s) => check_endpoint_slice(key, s),
-        KubeObject::ConfigMap(_) => Vec::new(),
+        KubeObject::ConfigMap(c) => crate::policy::schema::parse_config_map(key, c)
+            .err()
+            .unwrap_or_default(),
     }
 }
 

@@ -646,7 +646,7 @@ mod tests {
                 + r#"
                  {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "client-0", "namespace": "demo", "labels": {"app": "client"}},
                   "status": {"podIP": "10.0.0.2"}},
-                 {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "mesh", "labels": {"ward.io/policy": "mesh"}}, "data": {"a": "b"}},
+                 {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "mesh", "labels": {"ward.io/policy": "mesh"}}, "data": {"scope": "mesh", "mode": "STRICT"}},
                  {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "unrelated"}, "data": {"a": 1}},
                  {"apiVersion": "serving.knative.dev/v1", "kind": "Service", "metadata": {"name": "kn"}}
                ]}"#),

@@ -143,7 +143,9 @@ impl Protocol {
 }
 
 /// `targetPort` of a Service port: a number, or the name of a container port.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(untagged)]
 pub enum TargetPort {
     Number(u16),
@@ -259,6 +261,182 @@ pub struct Endpoint {
 /// `(service, service port)`.
 pub type ServicePortKey = (ObjectKey, u16);
 
+/// mTLS mode of a port, as the seed (Istio's PeerAuthentication) spells it.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum MtlsMode {
+    /// Only mesh mTLS (a client certificate chained to the mesh root).
+    Strict,
+    /// Mesh mTLS and plaintext on the same port.
+    Permissive,
+    /// Plaintext only.
+    Disable,
+    /// Unset: inherit from the next wider scope.
+    Default,
+}
+
+impl MtlsMode {
+    /// The mesh-wide mode when no policy sets one.
+    pub const MESH_DEFAULT: MtlsMode = MtlsMode::Permissive;
+
+    /// Canonical (uppercase) spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MtlsMode::Strict => "STRICT",
+            MtlsMode::Permissive => "PERMISSIVE",
+            MtlsMode::Disable => "DISABLE",
+            MtlsMode::Default => "DEFAULT",
+        }
+    }
+
+    /// Case-insensitive parse; `None` for anything else.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_uppercase().as_str() {
+            "STRICT" => Some(MtlsMode::Strict),
+            "PERMISSIVE" => Some(MtlsMode::Permissive),
+            "DISABLE" => Some(MtlsMode::Disable),
+            "DEFAULT" => Some(MtlsMode::Default),
+            _ => None,
+        }
+    }
+
+    /// `Some(self)` unless DEFAULT (which means "not set here").
+    pub fn set(self) -> Option<Self> {
+        (self != MtlsMode::Default).then_some(self)
+    }
+
+    /// Ordering by strictness, for merging modes that land on one listener.
+    pub fn strictness(self) -> u8 {
+        match self {
+            MtlsMode::Strict => 3,
+            MtlsMode::Permissive | MtlsMode::Default => 2,
+            MtlsMode::Disable => 1,
+        }
+    }
+
+    /// What clients send toward a port in this (effective) mode.
+    pub fn client(self) -> ClientTls {
+        match self {
+            MtlsMode::Disable => ClientTls::Plaintext,
+            _ => ClientTls::Mtls,
+        }
+    }
+}
+
+impl fmt::Display for MtlsMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a client sidecar originates toward a destination port.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+pub enum ClientTls {
+    /// Mesh mTLS with ALPN `ward-mtls` and the server's SPIFFE ids checked.
+    #[serde(rename = "mTLS")]
+    Mtls,
+    #[serde(rename = "plaintext")]
+    Plaintext,
+}
+
+/// What a policy applies to.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PolicyScope {
+    /// Every service of the mesh (only one such policy may exist).
+    Mesh,
+    /// Every service of a namespace.
+    Namespace(String),
+    /// One service (and, through `ports`, its ports).
+    Service(ObjectKey),
+}
+
+impl fmt::Display for PolicyScope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PolicyScope::Mesh => f.write_str("mesh"),
+            PolicyScope::Namespace(ns) => write!(f, "namespace {ns}"),
+            PolicyScope::Service(s) => write!(f, "service {s}"),
+        }
+    }
+}
+
+impl serde::Serialize for PolicyScope {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// A service port named by number or by name in a policy.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(untagged)]
+pub enum PortSelector {
+    Number(u16),
+    Name(String),
+}
+
+impl PortSelector {
+    pub fn matches(&self, port: &ServicePort) -> bool {
+        match self {
+            PortSelector::Number(n) => port.port == *n,
+            PortSelector::Name(name) => port.name == *name,
+        }
+    }
+}
+
+impl fmt::Display for PortSelector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PortSelector::Number(n) => write!(f, "{n}"),
+            PortSelector::Name(n) => f.write_str(n),
+        }
+    }
+}
+
+/// One mTLS policy, read from one ConfigMap.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Policy {
+    /// The ConfigMap it came from: errors and explanations name it.
+    pub config_map: ObjectKey,
+    pub scope: PolicyScope,
+    /// Mode for the whole scope; DEFAULT = inherit.
+    pub mode: MtlsMode,
+    /// Per-port modes (service scope only), by port number or name.
+    pub ports: BTreeMap<PortSelector, MtlsMode>,
+}
+
+/// The mTLS state of one service port: the effective mode policy asks for,
+/// and what proxies are configured with right now. The two differ only
+/// while a change is being rolled out (see `crate::policy::rollout`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PortPolicy {
+    /// Effective mode after precedence (never DEFAULT).
+    pub mode: MtlsMode,
+    /// What the server sidecars' inbound listeners accept now.
+    pub server: MtlsMode,
+    /// What client sidecars originate toward the port now.
+    pub client: ClientTls,
+}
+
+impl PortPolicy {
+    /// The end state for `mode`: servers and clients both at the target.
+    pub fn converged(mode: MtlsMode) -> Self {
+        let mode = mode.set().unwrap_or(MtlsMode::MESH_DEFAULT);
+        Self {
+            mode,
+            server: mode,
+            client: mode.client(),
+        }
+    }
+
+    pub fn is_converged(&self) -> bool {
+        *self == Self::converged(self.mode)
+    }
+}
+
 /// The whole mesh at one point in time. Immutable once built; shared as
 /// `Arc<Mesh>` through a `watch` channel.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
@@ -266,18 +444,25 @@ pub struct Mesh {
     pub services: BTreeMap<ObjectKey, Service>,
     pub workloads: BTreeMap<ObjectKey, Workload>,
     /// Resolved endpoints per service port, sorted.
-    #[serde(serialize_with = "ser_endpoints")]
+    #[serde(serialize_with = "ser_port_map")]
     pub endpoints: BTreeMap<ServicePortKey, Vec<Endpoint>>,
+    /// Valid policy ConfigMaps, by ConfigMap key (as parsed; checked
+    /// against services and resolved by `crate::policy`).
+    pub policies: BTreeMap<ObjectKey, Policy>,
+    /// mTLS per service port; translation reads it. A port missing here is
+    /// [`PortPolicy::converged`] at the mesh default.
+    #[serde(serialize_with = "ser_port_map")]
+    pub mtls: BTreeMap<ServicePortKey, PortPolicy>,
 }
 
-fn ser_endpoints<S: serde::Serializer>(
-    m: &BTreeMap<ServicePortKey, Vec<Endpoint>>,
+fn ser_port_map<S: serde::Serializer, T: serde::Serialize>(
+    m: &BTreeMap<ServicePortKey, T>,
     s: S,
 ) -> Result<S::Ok, S::Error> {
     use serde::ser::SerializeMap;
     let mut map = s.serialize_map(Some(m.len()))?;
-    for ((svc, port), eps) in m {
-        map.serialize_entry(&format!("{svc}:{port}"), eps)?;
+    for ((svc, port), v) in m {
+        map.serialize_entry(&format!("{svc}:{port}"), v)?;
     }
     map.end()
 }
@@ -313,6 +498,14 @@ impl Mesh {
             );
         }
         out
+    }
+
+    /// mTLS state of a service port (mesh default when no policy resolved it).
+    pub fn port_policy(&self, service: &ObjectKey, port: u16) -> PortPolicy {
+        self.mtls
+            .get(&(service.clone(), port))
+            .copied()
+            .unwrap_or_else(|| PortPolicy::converged(MtlsMode::MESH_DEFAULT))
     }
 
     /// Does any pod with a sidecar back this service? Destinations outside

@@ -12,7 +12,7 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
 use envoy_types::pb::google::protobuf::{Any, Duration};
 
 use super::{endpoint, names, tls};
-use crate::model::{Mesh, Protocol, Service, ServicePort};
+use crate::model::{ClientTls, Mesh, MtlsMode, Protocol, Service, ServicePort};
 
 /// How long a sidecar waits for a TCP (and TLS) connection to an upstream.
 const CONNECT_TIMEOUT: Duration = Duration {
@@ -60,14 +60,33 @@ pub fn server_identities(mesh: &Mesh, trust_domain: &str, service: &Service) -> 
         .collect()
 }
 
-/// Outbound cluster toward `service:port`, endpoints from EDS. mTLS with the
-/// server's SPIFFE ids when the service has sidecars; plaintext otherwise
-/// (a destination outside the mesh cannot terminate mesh mTLS).
+/// Does a client sidecar originate mTLS toward `service:port`? Yes when the
+/// applied client mode is mTLS and the service has sidecars (a destination
+/// outside the mesh cannot terminate mesh mTLS). Fail closed: toward a port
+/// whose servers are STRICT, always — even without known backends.
+///
+/// The servers' *applied* mode decides, not the target mode: during a
+/// DISABLE → STRICT rollout the servers only accept mTLS once every client
+/// has switched, so a client must not switch before its step.
+pub fn originates_mtls(mesh: &Mesh, service: &Service, port: &ServicePort) -> bool {
+    let p = mesh.port_policy(&service.key, port.port);
+    p.server == MtlsMode::Strict || (p.client == ClientTls::Mtls && mesh.has_sidecars(&service.key))
+}
+
+/// Outbound cluster toward `service:port`, endpoints from EDS, mTLS or
+/// plaintext as [`originates_mtls`] decides. mTLS checks the server's SPIFFE
+/// ids; when none is known (a STRICT port without known backends) any
+/// identity of the service's namespace.
 pub fn outbound(mesh: &Mesh, trust_domain: &str, service: &Service, port: &ServicePort) -> Cluster {
     let name = names::outbound_cluster(&service.key, port.port);
-    let transport_socket = mesh.has_sidecars(&service.key).then(|| {
+    let transport_socket = originates_mtls(mesh, service, port).then(|| {
         let ids = server_identities(mesh, trust_domain, service);
-        tls::transport_socket(tls::upstream_mtls(service.hostname(), &ids))
+        let ctx = if ids.is_empty() {
+            tls::upstream_mtls_namespace(service.hostname(), trust_domain, &service.key.namespace)
+        } else {
+            tls::upstream_mtls(service.hostname(), &ids)
+        };
+        tls::transport_socket(ctx)
     });
     Cluster {
         cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(

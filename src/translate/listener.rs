@@ -1,11 +1,31 @@
-//! Listeners: inbound (mesh mTLS on the pod IP, per target port) and
-//! outbound (plaintext from the local app, per upstream service port).
+//! Listeners: inbound (on the pod IP, per target port; what they accept
+//! follows the port's mTLS mode) and outbound (plaintext from the local
+//! app, per upstream service port).
+//!
+//! Every inbound listener has the `tls_inspector` listener filter and picks a
+//! filter chain by transport protocol and ALPN, whatever the mode. A mode
+//! change then only changes filter chains, which Envoy updates in place:
+//! connections on unchanged chains (e.g. mesh mTLS when going PERMISSIVE →
+//! STRICT) are not drained.
+//!
+//! | chain (stat prefix `inbound_<port>_<x>`) | match                      | STRICT | PERMISSIVE | DISABLE |
+//! |------------------------------------------|----------------------------|--------|------------|---------|
+//! | `mtls` (`_mtls`)                         | TLS, ALPN `ward-mtls`      | yes    | yes        |         |
+//! | `mtls-other-alpn` (`_mtls`)              | TLS, any other ALPN        | yes    |            |         |
+//! | `tls-passthrough` (`_passthrough`)       | TLS, any other ALPN        |        | yes        | yes     |
+//! | `plaintext` (`_plaintext`)               | anything else              |        | yes        | yes     |
+//!
+//! `tls-passthrough` hands an application's own TLS to the app untouched
+//! (raw TCP): only Ward sidecars offer `ward-mtls`.
 
 use std::net::IpAddr;
 
 use envoy_types::pb::envoy::config::core::v3::TrafficDirection;
-use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter};
+use envoy_types::pb::envoy::config::listener::v3::{
+    Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter, filter, listener_filter,
+};
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
 };
@@ -13,11 +33,28 @@ use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpPro
 use envoy_types::util::pack_any;
 
 use super::{endpoint, names, tls};
-use crate::model::{ObjectKey, Protocol};
+use crate::model::{MtlsMode, ObjectKey, Protocol};
 
 pub const HTTP_CONNECTION_MANAGER: &str = "envoy.filters.network.http_connection_manager";
 pub const TCP_PROXY: &str = "envoy.filters.network.tcp_proxy";
 pub const ROUTER: &str = "envoy.filters.http.router";
+pub const TLS_INSPECTOR: &str = "envoy.filters.listener.tls_inspector";
+
+/// Filter chain names of an inbound listener (see the module table).
+pub mod chain {
+    pub const MTLS: &str = "mtls";
+    pub const MTLS_OTHER_ALPN: &str = "mtls-other-alpn";
+    pub const TLS_PASSTHROUGH: &str = "tls-passthrough";
+    pub const PLAINTEXT: &str = "plaintext";
+}
+
+/// Stat prefix of one kind of inbound traffic (`mtls`, `plaintext`,
+/// `passthrough`) on a target port: Envoy then counts them apart, e.g.
+/// `http.inbound_8080_plaintext.downstream_cx_total` or
+/// `tcp.inbound_5432_mtls.downstream_cx_total`.
+pub fn inbound_chain_stat_prefix(target_port: u16, kind: &str) -> String {
+    format!("inbound_{target_port}_{kind}")
+}
 
 /// Stat prefix of an inbound listener and its filter.
 pub fn inbound_stat_prefix(target_port: u16) -> String {
@@ -77,35 +114,86 @@ fn tcp_proxy(stat_prefix: &str, cluster: &str) -> Filter {
     }
 }
 
-/// Inbound listener on `pod_ip:target_port`: mesh mTLS, then HTTP routing or
-/// TCP proxying to the inbound cluster.
+/// Inbound listener on `pod_ip:target_port`: filter chains for `mode` (the
+/// applied server mode), then HTTP routing or TCP proxying to the inbound
+/// cluster.
 pub fn inbound(
     pod_ip: IpAddr,
     trust_domain: &str,
     target_port: u16,
     protocol: Protocol,
+    mode: MtlsMode,
 ) -> Listener {
     let stat_prefix = inbound_stat_prefix(target_port);
-    let filter = match protocol {
-        Protocol::Http => {
-            http_connection_manager(&stat_prefix, &names::inbound_route(target_port), true)
-        }
-        Protocol::Tcp => tcp_proxy(&stat_prefix, &names::inbound_cluster(target_port)),
-    };
     let http = protocol == Protocol::Http;
+    let app = |kind: &str| {
+        let prefix = inbound_chain_stat_prefix(target_port, kind);
+        match protocol {
+            Protocol::Http => {
+                http_connection_manager(&prefix, &names::inbound_route(target_port), true)
+            }
+            Protocol::Tcp => tcp_proxy(&prefix, &names::inbound_cluster(target_port)),
+        }
+    };
+    let tls_match = |alpn: &[&str]| {
+        Some(FilterChainMatch {
+            transport_protocol: "tls".into(),
+            application_protocols: alpn.iter().map(|a| a.to_string()).collect(),
+            ..Default::default()
+        })
+    };
+    let mtls = |name: &str, alpn: &[&str]| FilterChain {
+        name: name.into(),
+        filter_chain_match: tls_match(alpn),
+        filters: vec![app("mtls")],
+        transport_socket: Some(tls::transport_socket(tls::downstream_mtls(
+            trust_domain,
+            http,
+        ))),
+        ..Default::default()
+    };
+    let passthrough = || FilterChain {
+        name: chain::TLS_PASSTHROUGH.into(),
+        filter_chain_match: tls_match(&[]),
+        filters: vec![tcp_proxy(
+            &inbound_chain_stat_prefix(target_port, "passthrough"),
+            &names::inbound_cluster(target_port),
+        )],
+        ..Default::default()
+    };
+    let plaintext = || FilterChain {
+        name: chain::PLAINTEXT.into(),
+        filters: vec![app("plaintext")],
+        ..Default::default()
+    };
+    let filter_chains = match mode {
+        MtlsMode::Strict => vec![
+            mtls(chain::MTLS, &[names::MESH_ALPN]),
+            mtls(chain::MTLS_OTHER_ALPN, &[]),
+        ],
+        MtlsMode::Permissive | MtlsMode::Default => vec![
+            mtls(chain::MTLS, &[names::MESH_ALPN]),
+            passthrough(),
+            plaintext(),
+        ],
+        MtlsMode::Disable => vec![passthrough(), plaintext()],
+    };
     Listener {
         name: names::inbound_listener(target_port),
         address: Some(endpoint::socket_address(pod_ip, target_port)),
         stat_prefix: stat_prefix.clone(),
         traffic_direction: TrafficDirection::Inbound as i32,
-        filter_chains: vec![FilterChain {
-            filters: vec![filter],
-            transport_socket: Some(tls::transport_socket(tls::downstream_mtls(
-                trust_domain,
-                http,
+        listener_filters: vec![ListenerFilter {
+            name: TLS_INSPECTOR.into(),
+            config_type: Some(listener_filter::ConfigType::TypedConfig(pack_any(
+                TlsInspector::default(),
             ))),
             ..Default::default()
         }],
+        // A server-speaks-first protocol (the client sends nothing) must
+        // still reach the plaintext chain when the inspector times out.
+        continue_on_listener_filters_timeout: true,
+        filter_chains,
         ..Default::default()
     }
 }

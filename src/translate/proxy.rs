@@ -14,7 +14,7 @@ use super::{
     ProxyResources, Resource, ResourceMap, TranslateError, cluster, endpoint, listener, names,
     route, type_url,
 };
-use crate::model::{Mesh, ObjectKey, Protocol, Workload};
+use crate::model::{Mesh, MtlsMode, ObjectKey, Protocol, Workload};
 
 /// The per-mesh part of every proxy's configuration, encoded once.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -84,17 +84,52 @@ pub fn mesh_resources(mesh: &Mesh, trust_domain: &str) -> MeshResources {
     out
 }
 
-/// Target ports the sidecar of `w` accepts mesh traffic on, with their
-/// protocol (HTTP if any service port targeting it is HTTP).
-fn inbound_ports(mesh: &Mesh, w: &Workload, warnings: &mut Vec<String>) -> BTreeMap<u16, Protocol> {
-    let mut ports = BTreeMap::new();
+/// What one inbound listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct InboundPort {
+    /// HTTP if any service port targeting it is HTTP.
+    protocol: Protocol,
+    /// Applied server mode; the strictest of the service ports targeting
+    /// it (fail closed), with a warning when they disagree.
+    mode: MtlsMode,
+}
+
+/// Target ports the sidecar of `w` accepts mesh traffic on.
+fn inbound_ports(
+    mesh: &Mesh,
+    w: &Workload,
+    warnings: &mut Vec<String>,
+) -> BTreeMap<u16, InboundPort> {
+    let mut ports: BTreeMap<u16, InboundPort> = BTreeMap::new();
+    // Which service port set each target port's mode, for the warning.
+    let mut set_by: BTreeMap<u16, (ObjectKey, u16, MtlsMode)> = BTreeMap::new();
     for svc in mesh.services_selecting(w) {
         for port in &svc.ports {
             match w.resolve_target_port(&port.target_port) {
                 Some(t) => {
-                    let p = ports.entry(t).or_insert(port.protocol);
+                    let mode = mesh.port_policy(&svc.key, port.port).server;
+                    let p = ports.entry(t).or_insert(InboundPort {
+                        protocol: port.protocol,
+                        mode,
+                    });
                     if port.protocol == Protocol::Http {
-                        *p = Protocol::Http;
+                        p.protocol = Protocol::Http;
+                    }
+                    match set_by.get(&t) {
+                        Some((s, sp, m)) if *m != mode => {
+                            warnings.push(format!(
+                                "pod {}: target port {t} is {m} for service {s} port {sp} but \
+                                 {mode} for service {} port {}; the stricter applies",
+                                w.key, svc.key, port.port
+                            ));
+                            if mode.strictness() > p.mode.strictness() {
+                                p.mode = mode;
+                            }
+                        }
+                        Some(_) => {}
+                        None => {
+                            set_by.insert(t, (svc.key.clone(), port.port, mode));
+                        }
                     }
                 }
                 None => warnings.push(format!(
@@ -142,13 +177,13 @@ pub fn proxy_resources_with(
     // Bound addresses so far, with the listener holding each.
     let mut bound: Vec<((IpAddr, u16), String)> = Vec::new();
 
-    for (target, protocol) in inbound_ports(mesh, w, &mut warnings) {
+    for (target, InboundPort { protocol, mode }) in inbound_ports(mesh, w, &mut warnings) {
         let name = names::inbound_listener(target);
         insert(
             &mut listeners,
             Resource::new(
                 &name,
-                listener::inbound(w.ip, trust_domain, target, protocol),
+                listener::inbound(w.ip, trust_domain, target, protocol, mode),
             ),
         );
         bound.push(((w.ip, target), name));

@@ -303,6 +303,12 @@ fn pool() -> DescriptorPool {
             ],
         ),
         file(
+            "envoy/extensions/filters/listener/tls_inspector/v3/tls_inspector.proto",
+            "envoy.extensions.filters.listener.tls_inspector.v3",
+            &[],
+            vec![msg("TlsInspector", vec![], vec![])],
+        ),
+        file(
             "envoy/extensions/filters/network/tcp_proxy/v3/tcp_proxy.proto",
             "envoy.extensions.filters.network.tcp_proxy.v3",
             &[],
@@ -775,4 +781,132 @@ fn inbound_protocol_is_http_if_any_service_port_is_http() {
             .unwrap()
             .contains_key("inbound|8080")
     );
+}
+
+// ------------------------------------------------------------- mTLS modes
+
+use crate::model::{ClientTls, MtlsMode, PortPolicy};
+
+fn with_policy(mut mesh: Mesh, svc: &str, port: u16, p: PortPolicy) -> Mesh {
+    mesh.mtls.insert((key(svc), port), p);
+    mesh
+}
+
+fn resource_json(res: &ProxyResources, url: &str, name: &str) -> serde_json::Value {
+    let r = res.get(url).and_then(|m| m.get(name)).unwrap();
+    to_json(&pool(), r)
+}
+
+/// The inbound listener of the server in each mode: filter chains by
+/// transport protocol and ALPN, one stat prefix per chain.
+#[test]
+fn golden_inbound_listener_per_mode() {
+    let mut out = serde_json::Map::new();
+    for mode in [MtlsMode::Strict, MtlsMode::Permissive, MtlsMode::Disable] {
+        let mesh = with_policy(test_mesh(), "server", 80, PortPolicy::converged(mode));
+        let t = translate(&mesh, "server-0");
+        out.insert(
+            mode.to_string(),
+            resource_json(&t.resources, type_url::LISTENER, "inbound|8080"),
+        );
+    }
+    insta::assert_json_snapshot!("inbound_modes", serde_json::Value::Object(out));
+}
+
+/// The client's cluster toward a STRICT, PERMISSIVE and DISABLE port, a
+/// destination outside the mesh, and a STRICT port without known backends.
+#[test]
+fn golden_client_cluster_per_mode() {
+    let mut out = serde_json::Map::new();
+    for mode in [MtlsMode::Strict, MtlsMode::Permissive, MtlsMode::Disable] {
+        let mesh = with_policy(test_mesh(), "server", 80, PortPolicy::converged(mode));
+        let t = translate(&mesh, "client-0");
+        out.insert(
+            mode.to_string(),
+            resource_json(&t.resources, type_url::CLUSTER, "outbound|demo|server|80"),
+        );
+    }
+    let t = translate(&test_mesh(), "client-0");
+    out.insert(
+        "outside-mesh (PERMISSIVE, no sidecars)".into(),
+        resource_json(
+            &t.resources,
+            type_url::CLUSTER,
+            "outbound|demo|external|9000",
+        ),
+    );
+    let mesh = with_policy(
+        test_mesh(),
+        "external",
+        9000,
+        PortPolicy::converged(MtlsMode::Strict),
+    );
+    let t = translate(&mesh, "client-0");
+    out.insert(
+        "STRICT without sidecars (fail closed)".into(),
+        resource_json(
+            &t.resources,
+            type_url::CLUSTER,
+            "outbound|demo|external|9000",
+        ),
+    );
+    insta::assert_json_snapshot!("client_clusters", serde_json::Value::Object(out));
+}
+
+#[test]
+fn clients_follow_the_applied_state_and_never_send_plaintext_to_strict_servers() {
+    let cluster = |p: PortPolicy| {
+        let mesh = with_policy(test_mesh(), "server", 80, p);
+        let res = translate(&mesh, "client-0").resources;
+        upstream_tls(&get::<Cluster>(
+            &res,
+            type_url::CLUSTER,
+            "outbound|demo|server|80",
+        ))
+        .is_some()
+    };
+    // Mid-rollout DISABLE -> STRICT: servers accept both, clients not yet switched.
+    assert!(!cluster(PortPolicy {
+        mode: MtlsMode::Strict,
+        server: MtlsMode::Permissive,
+        client: ClientTls::Plaintext,
+    }));
+    // An inconsistent state with STRICT servers: still mTLS (fail closed).
+    assert!(cluster(PortPolicy {
+        mode: MtlsMode::Disable,
+        server: MtlsMode::Strict,
+        client: ClientTls::Plaintext,
+    }));
+    assert!(cluster(PortPolicy::converged(MtlsMode::Permissive)));
+    assert!(!cluster(PortPolicy::converged(MtlsMode::Disable)));
+}
+
+#[test]
+fn two_modes_on_one_target_port_take_the_stricter_with_a_warning() {
+    let mut mesh = test_mesh();
+    let mut s = service("server-tcp", 7000, "tcp", TargetPort::Number(8080), false);
+    s.selector = [("app".to_string(), "server".to_string())].into();
+    mesh.services.insert(s.key.clone(), s);
+    let mesh = with_policy(mesh, "server", 80, PortPolicy::converged(MtlsMode::Disable));
+    let mesh = with_policy(
+        mesh,
+        "server-tcp",
+        7000,
+        PortPolicy::converged(MtlsMode::Strict),
+    );
+    let t = translate(&mesh, "server-0");
+    assert_eq!(t.warnings.len(), 1, "{:?}", t.warnings);
+    assert!(
+        t.warnings[0].contains("the stricter applies"),
+        "{}",
+        t.warnings[0]
+    );
+    let l = resource_json(&t.resources, type_url::LISTENER, "inbound|8080");
+    let names: Vec<&str> = l["filter_chains"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["mtls", "mtls-other-alpn"]);
 }

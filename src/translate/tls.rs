@@ -118,6 +118,24 @@ pub fn upstream_mtls(sni: String, spiffe_ids: &[String]) -> UpstreamTlsContext {
     }
 }
 
+/// Client side toward a STRICT port whose server identities are not known
+/// (no backend seen yet): still mTLS, accepting any identity of the
+/// service's namespace rather than falling back to plaintext.
+pub fn upstream_mtls_namespace(
+    sni: String,
+    trust_domain: &str,
+    namespace: &str,
+) -> UpstreamTlsContext {
+    let san = uri_san(string_matcher::MatchPattern::Prefix(format!(
+        "spiffe://{trust_domain}/ns/{namespace}/sa/"
+    )));
+    UpstreamTlsContext {
+        common_tls_context: Some(mesh_common_context(vec![san], &[names::MESH_ALPN])),
+        sni,
+        ..Default::default()
+    }
+}
+
 /// Wrap a TLS context as the `envoy.transport_sockets.tls` transport socket.
 pub fn transport_socket<T: prost::Name + prost::Message>(ctx: T) -> TransportSocket {
     TransportSocket {

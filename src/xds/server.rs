@@ -264,22 +264,23 @@ async fn run_stream(
     };
     tracing::info!(pod = %pod, identity = %id, stream, "proxy connected");
 
+    // Also returns the snapshot generation the resources were built from
+    // (status records it per ACK; the policy rollout waits on it).
     let build = |snapshots: &mut watch::Receiver<Arc<MeshSnapshot>>,
-                 certs: &mut watch::Receiver<Arc<WorkloadCert>>,
-                 last: Option<&ProxyResources>|
-     -> Option<ProxyResources> {
+                 certs: &mut watch::Receiver<Arc<WorkloadCert>>|
+     -> Option<(ProxyResources, u64)> {
         let view = snapshots.borrow_and_update().clone();
         let cert = certs.borrow_and_update().clone();
         match proxy_snapshot(&view, &ctx.trust_domain, &pod, &cert) {
-            Ok(r) => Some(r),
+            Ok(r) => Some((r, view.generation)),
             Err(e) => {
                 ctx.metrics.inconsistent_snapshots.inc();
                 tracing::error!(pod = %pod, "snapshot withheld, last one stays in force: {e}");
-                last.cloned()
+                None
             }
         }
     };
-    let mut current = build(&mut snapshots, &mut certs, None).unwrap_or_default();
+    let (mut current, mut generation) = build(&mut snapshots, &mut certs).unwrap_or_default();
     let mut current_cert = certs.borrow().clone();
     // Which certificate each recent SDS response carried, so an ACK tells
     // which certificate and trust bundle Envoy now serves.
@@ -318,11 +319,18 @@ async fn run_stream(
             }
             None => {
                 let cert = certs.borrow().clone();
-                if let Some(next) = build(&mut snapshots, &mut certs, Some(&current)) {
+                if let Some((next, g)) = build(&mut snapshots, &mut certs) {
                     current = next;
+                    generation = g;
                     current_cert = cert;
                 }
-                sotw.on_snapshot(&current)
+                let responses = sotw.on_snapshot(&current);
+                let sent: Vec<&'static str> = responses
+                    .iter()
+                    .map(|r| type_url::short(&r.type_url))
+                    .collect();
+                ctx.registry.observe_generation(stream, generation, &sent);
+                responses
             }
         };
         for resp in responses {
@@ -337,6 +345,7 @@ async fn run_stream(
             }
             ctx.registry.update(stream, short, |t| {
                 t.sent_version = Some(version);
+                t.sent_generation = Some(generation);
                 t.pushes += 1;
             });
             if tx.send(Ok(resp)).await.is_err() {
@@ -387,6 +396,7 @@ fn record_request(
                 .inc();
             ctx.registry.update(stream, short, |t| {
                 t.acked_version = Some(version.clone());
+                t.acked_generation = t.sent_generation;
                 t.acks += 1;
             });
         }

@@ -33,6 +33,12 @@ pub struct TypeStatus {
     pub pushes: u64,
     pub acks: u64,
     pub nacks: u64,
+    /// Mesh snapshot generation the sent config is current for: the one it
+    /// was built from, or a later one that left this type unchanged.
+    pub sent_generation: Option<u64>,
+    /// Generation of what Envoy runs (the `sent_generation` of the last
+    /// ACKed response): the policy rollout waits on it.
+    pub acked_generation: Option<u64>,
 }
 
 /// One connected proxy (one ADS stream).
@@ -199,6 +205,25 @@ impl ProxyRegistry {
     pub fn set_cert(&self, stream: u64, cert: AckedCert) {
         if let Some(mut s) = self.streams.get_mut(&stream) {
             s.cert = Some(cert);
+        }
+    }
+
+    /// The stream rebuilt its config from snapshot `generation`; `sent`
+    /// are the types it just sent responses for. Types not resent did not
+    /// change, so what was sent (and, if ACKed, what runs) is current for
+    /// `generation` too.
+    pub fn observe_generation(&self, stream: u64, generation: u64, sent: &[&'static str]) {
+        if let Some(mut s) = self.streams.get_mut(&stream) {
+            for (ty, t) in s.types.iter_mut() {
+                if sent.contains(ty) {
+                    t.sent_generation = Some(generation);
+                } else if t.sent_version.is_some() {
+                    t.sent_generation = Some(generation);
+                    if t.acked_version == t.sent_version {
+                        t.acked_generation = Some(generation);
+                    }
+                }
+            }
         }
     }
 
