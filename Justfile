@@ -68,7 +68,8 @@ kind-demo:
     test "$handshakes" -gt 0 || { echo "no TLS handshakes on the server sidecar"; exit 1; }
     echo "   server sidecar TLS handshakes: $handshakes"
     echo "2. plaintext to the server's sidecar is refused under STRICT:"
-    if [ -d manifests/policies ]; then k apply -f manifests/policies/ ; fi
+    k apply -f manifests/policies/mesh-strict.yaml
+    sleep 5  # the policy rollout: servers accept both, clients switch, servers go STRICT
     server_ip=$(k -n demo get pod -l app=server -o jsonpath='{.items[0].status.podIP}')
     if k -n demo run plaintext-probe --rm -i --restart=Never --image=curlimages/curl -- \
          curl -sS --max-time 5 "http://$server_ip:8080/" ; then

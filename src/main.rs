@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the control plane: xDS (ADS) for sidecars, the CA, and the admin API.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Write an Envoy sidecar bootstrap and its xDS credential for one pod.
     Bootstrap(BootstrapArgs),
     /// Bring up a local mesh on loopback with real Envoy sidecars and verify mTLS.
@@ -232,7 +232,7 @@ async fn main() -> anyhow::Result<()> {
     init_tracing();
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(a) => serve(a).await,
+        Command::Serve(a) => serve(*a).await,
         Command::Bootstrap(a) => bootstrap(a),
         Command::Demo(a) => ward::demo::run(a).await,
         Command::Status(a) => status(a).await,

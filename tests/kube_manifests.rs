@@ -99,8 +99,12 @@ fn parse_all() -> Parsed {
         count: 0,
     };
     for file in files {
+        // Policy examples are applied one by one, not by the kustomization.
+        let example = file.components().any(|c| c.as_os_str() == "policies");
         for doc in docs(&std::fs::read_to_string(&file).unwrap()) {
-            p.count += 1;
+            if !example {
+                p.count += 1;
+            }
             match doc["kind"].as_str().unwrap_or_default() {
                 "Namespace" => drop(typed::<Namespace>(&doc, &file)),
                 "ServiceAccount" => drop(typed::<ServiceAccount>(&doc, &file)),
@@ -184,7 +188,7 @@ fn kubectl_kustomize_renders_every_manifest() {
     );
     let rendered = docs(&String::from_utf8(out.stdout).unwrap());
     let p = parse_all();
-    // Everything under manifests/ is part of the kustomization.
+    // Everything under manifests/ but the policy examples is part of the kustomization.
     assert_eq!(rendered.len(), p.count);
     let kinds: BTreeSet<&str> = rendered.iter().filter_map(|d| d["kind"].as_str()).collect();
     for k in [

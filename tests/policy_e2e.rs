@@ -157,6 +157,7 @@ async fn start_mesh(dir: &Path, yaml: &str, policy: &str, client: u8) -> LocalMe
             ObjectKey::new("e2e", "client-0"),
             format!("http://127.0.4.{client}:9080/"),
         )]),
+        ca_files: None,
     };
     let mut mesh = LocalMesh::start(config).await.expect("mesh starts");
     mesh.wait_converged(Duration::from_secs(60))

@@ -621,6 +621,7 @@ mod tests {
             peer: String::new(),
             connected_at: 0,
             types: [("lds", t.clone()), ("cds", t)].into(),
+            cert: None,
         });
         stream
     }
