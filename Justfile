@@ -24,7 +24,6 @@ serve DIR="examples/local-mesh" *ARGS:
 test: lint
     test -x "$ENVOY_BIN" || { echo "Envoy not found at $ENVOY_BIN: run ./dev (it installs it)"; exit 1; }
     cargo test --all-targets --no-fail-fast
-    cargo test --doc
 
 # Formatting and clippy, as CI checks them.
 lint:

@@ -281,3 +281,51 @@ status: {podIP: 127.0.0.21}
         start.elapsed()
     );
 }
+
+#[tokio::test]
+async fn a_proxy_that_does_not_ack_its_new_certificate_is_flagged() {
+    let w = Ward::start_with(&[("mesh.yaml", &demo_mesh())], |cfg| {
+        cfg.rotation = ward::ca::RotationConfig {
+            ttl: Duration::from_secs(5),
+            rotate_at: 0.5,
+            jitter: 0.0,
+            ..Default::default()
+        };
+    })
+    .await;
+    let mut ads = client_stream(&w).await;
+    ads.request(t::SECRET, &["default", "ROOTCA"], "", "").await;
+    let sds = ads.recv().await;
+    ads.ack(&sds, &["default", "ROOTCA"]).await;
+    // The rotation is pushed; this proxy never ACKs it.
+    let rotated = ads.recv().await;
+    assert_eq!(rotated.type_url, t::SECRET);
+    assert_ne!(rotated.version_info, sds.version_info);
+
+    let metric = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    let text = eventually(Duration::from_secs(10), || async {
+        let t = reqwest::get(format!("{}/metrics", w.admin()))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        (metric(&t, "ward_proxies_cert_past_80_percent") == 1.0).then_some(t)
+    })
+    .await
+    .expect("the stale proxy is counted");
+    assert!(
+        metric(&text, "ward_cert_nearest_expiry_seconds") > 0.0,
+        "{text}"
+    );
+    let certs = w.get_json("/debug/certs").await;
+    let c = &certs["certificates"][0];
+    assert_eq!(c["envoy"][0]["acked_current"], false, "{certs}");
+    assert_eq!(c["envoy"][0]["past_80_percent"], true, "{certs}");
+    assert!(!certs.to_string().contains("PRIVATE KEY"));
+}
