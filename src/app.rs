@@ -39,6 +39,8 @@ pub struct ServeConfig {
     pub ca_files: Option<(PathBuf, PathBuf, Option<PathBuf>)>,
     /// Extra DNS names on the xDS serving certificate.
     pub xds_server_names: Vec<String>,
+    /// Rotate the mesh root automatically once it is this old.
+    pub root_rotation_interval: Option<Duration>,
     /// mTLS policy rollout: how long one step waits for ACKs before it
     /// proceeds anyway.
     pub policy_step_timeout: Duration,
@@ -264,6 +266,7 @@ async fn start_with(cfg: ServeConfig, kube: Option<KubeServe>) -> anyhow::Result
         // or one kept in a Kubernetes Secret is replaced by its owner.
         (cfg.ca_files.is_none() && kube.is_none()).then(|| cfg.state_dir.clone()),
     );
+    let rotator = rotator.with_interval(cfg.root_rotation_interval);
     let policy = policy
         .with_snapshots(snapshots.clone())
         .with_discovery(discovery.clone());

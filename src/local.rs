@@ -159,6 +159,7 @@ impl LocalMesh {
             rotation: config.rotation.clone(),
             ca_files: config.ca_files.clone(),
             xds_server_names: vec![],
+            root_rotation_interval: None,
             policy_step_timeout: Duration::from_secs(30),
         }
     }

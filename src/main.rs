@@ -91,6 +91,9 @@ struct ServeArgs {
     /// Certificates from the intermediate's issuer up to the root; PEM.
     #[arg(long, requires = "ca_cert")]
     ca_chain: Option<PathBuf>,
+    /// Rotate the mesh root automatically (with no downtime) once it is this old, e.g. 90d.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    root_rotation_interval: Option<Duration>,
     /// Extra DNS names for the xDS serving certificate (repeatable).
     #[arg(long = "xds-server-name")]
     xds_server_names: Vec<String>,
@@ -294,6 +297,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         },
         ca_files: a.ca_cert.zip(a.ca_key).map(|(c, k)| (c, k, a.ca_chain)),
         xds_server_names: a.xds_server_names,
+        root_rotation_interval: a.root_rotation_interval,
         policy_step_timeout: a.policy_step_timeout,
     };
     let running = if a.kube.kubernetes {

@@ -392,6 +392,7 @@ async fn replica(fake: &FakeKube, identity: &str, tmp: &std::path::Path) -> app:
         rotation: RotationConfig::default(),
         ca_files: None,
         xds_server_names: vec![],
+        root_rotation_interval: None,
         policy_step_timeout: std::time::Duration::from_secs(30),
     };
     let k = KubeServe {

@@ -329,3 +329,39 @@ async fn a_proxy_that_does_not_ack_its_new_certificate_is_flagged() {
     assert_eq!(c["envoy"][0]["past_80_percent"], true, "{certs}");
     assert!(!certs.to_string().contains("PRIVATE KEY"));
 }
+
+#[tokio::test]
+async fn the_root_rotates_by_configuration_and_proxies_follow() {
+    let w = Ward::start_with(&[("mesh.yaml", &demo_mesh())], |cfg| {
+        cfg.root_rotation_interval = Some(Duration::from_secs(2));
+    })
+    .await;
+    let first_root = w.get_json("/debug/certs").await["trust_bundle"][0]["serial"].clone();
+    // A proxy that ACKs every secret push, like Envoy.
+    let mut ads = client_stream(&w).await;
+    let names = ["default", "ROOTCA"];
+    ads.request(t::SECRET, &names, "", "").await;
+    let acking = tokio::spawn(async move {
+        loop {
+            let r = ads.recv().await;
+            ads.ack(&r, &names).await;
+        }
+    });
+    let done = eventually(Duration::from_secs(20), || async {
+        let v = w.get_json("/debug/certs").await;
+        (v["root_rotation"]["phase"] == "done").then_some(v)
+    })
+    .await
+    .expect("the root rotates once it reaches --root-rotation-interval");
+    acking.abort();
+    let bundle = done["trust_bundle"].as_array().unwrap();
+    assert_eq!(bundle.len(), 1, "only the new root remains: {done}");
+    assert_ne!(bundle[0]["serial"], first_root);
+    assert_eq!(
+        done["root_rotation"]["total"], 1,
+        "the connected proxy took part: {done}"
+    );
+    let leaf = &done["certificates"][0];
+    assert_eq!(leaf["issuer"], bundle[0]["subject"]);
+    assert_eq!(leaf["envoy"][0]["acked_current"], true, "{done}");
+}

@@ -113,6 +113,8 @@ pub struct RootRotator {
     status: watch::Sender<RotationStatus>,
     /// How often ACKs are checked.
     poll: Duration,
+    /// Rotate automatically once the root is this old (`--root-rotation-interval`).
+    interval: Option<Duration>,
 }
 
 impl RootRotator {
@@ -143,15 +145,41 @@ impl RootRotator {
             requests: req_rx,
             status: status_tx,
             poll: Duration::from_millis(200),
+            interval: None,
         };
         (task, handle)
     }
 
+    /// Rotate by configuration: whenever the root reaches `every` of age.
+    pub fn with_interval(mut self, every: Option<Duration>) -> Self {
+        self.interval = every;
+        self
+    }
+
     pub async fn run(mut self, shutdown: CancellationToken) {
+        // How often the root's age is looked at when rotating by interval.
+        let check = self
+            .interval
+            .map(|i| (i / 4).clamp(Duration::from_secs(1), Duration::from_secs(60)));
         loop {
+            let current = self.current.clone();
+            let rotatable = self.state_dir.is_some();
+            let interval = self.interval;
+            let due = async move {
+                match (check, interval) {
+                    (Some(check), Some(every)) if rotatable => loop {
+                        tokio::time::sleep(check).await;
+                        if root_age(&current.load()) >= every {
+                            return;
+                        }
+                    },
+                    _ => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 req = self.requests.recv() => if req.is_none() { return },
+                () = due => tracing::info!("the mesh root reached --root-rotation-interval; rotating it"),
             }
             let outcome = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -267,6 +295,14 @@ impl RootRotator {
             tokio::time::sleep(self.poll).await;
         }
     }
+}
+
+/// Age of a root (its notBefore is backdated for clock skew).
+fn root_age(root: &Authority) -> Duration {
+    let not_before = root.signing_cert().not_before + super::authority::CLOCK_SKEW;
+    std::time::SystemTime::now()
+        .duration_since(not_before)
+        .unwrap_or(Duration::ZERO)
 }
 
 /// Make `<state>/next/ca` the root in `<state>/ca`; keep the old one in

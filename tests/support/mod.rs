@@ -51,6 +51,7 @@ impl Ward {
             rotation: RotationConfig::default(),
             ca_files: None,
             xds_server_names: vec![],
+            root_rotation_interval: None,
             policy_step_timeout: std::time::Duration::from_secs(30),
         };
         tweak(&mut cfg);
