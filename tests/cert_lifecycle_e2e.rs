@@ -93,22 +93,28 @@ fn probe_cert(mesh: &LocalMesh, ns: &str) -> ClientCert {
     }
 }
 
-/// Serial numbers of the workload certificates an Envoy serves (`/certs`).
-async fn envoy_serials(mesh: &LocalMesh, pod: &ObjectKey) -> BTreeSet<String> {
+/// Serial numbers in an Envoy's `/certs`: `field` is `cert_chain` (the
+/// certificates it serves) or `ca_cert` (its trust bundle); files written by
+/// `ward bootstrap` (the xDS credential and CA) are left out.
+async fn envoy_cert_serials(mesh: &LocalMesh, pod: &ObjectKey, field: &str) -> BTreeSet<String> {
     let body = mesh.sidecars[pod].admin_get("/certs").await.unwrap();
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     let mut out = BTreeSet::new();
     for entry in v["certificates"].as_array().into_iter().flatten() {
-        for c in entry["cert_chain"].as_array().into_iter().flatten() {
-            let is_credential = c["path"]
+        for c in entry[field].as_array().into_iter().flatten() {
+            let from_bootstrap = c["path"]
                 .as_str()
-                .is_some_and(|p| p.ends_with("xds-client.crt"));
-            if !is_credential && let Some(s) = c["serial_number"].as_str() {
+                .is_some_and(|p| p.ends_with("xds-client.crt") || p.ends_with("xds-ca.crt"));
+            if !from_bootstrap && let Some(s) = c["serial_number"].as_str() {
                 out.insert(norm(s));
             }
         }
     }
     out
+}
+
+async fn envoy_serials(mesh: &LocalMesh, pod: &ObjectKey) -> BTreeSet<String> {
+    envoy_cert_serials(mesh, pod, "cert_chain").await
 }
 
 async fn stat(mesh: &LocalMesh, pod: &ObjectKey, name: &str) -> u64 {
@@ -518,24 +524,6 @@ async fn plugged_in_intermediate_chain_verifies_with_openssl() {
     mesh.stop().await;
 }
 
-/// Serial numbers of the CA certificates (trust bundle) an Envoy holds.
-async fn envoy_ca_serials(mesh: &LocalMesh, pod: &ObjectKey) -> BTreeSet<String> {
-    let body = mesh.sidecars[pod].admin_get("/certs").await.unwrap();
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let mut out = BTreeSet::new();
-    for entry in v["certificates"].as_array().into_iter().flatten() {
-        for c in entry["ca_cert"].as_array().into_iter().flatten() {
-            let is_xds = c["path"]
-                .as_str()
-                .is_some_and(|p| p.ends_with("xds-ca.crt"));
-            if !is_xds && let Some(s) = c["serial_number"].as_str() {
-                out.insert(norm(s));
-            }
-        }
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn root_rotation_under_load_fails_no_request() {
     let tmp = tempfile::tempdir().unwrap();
@@ -616,7 +604,7 @@ async fn root_rotation_under_load_fails_no_request() {
 
     // ROOTCA holds only the new root in every Envoy, and every leaf chains to it.
     for pod in mesh.sidecars.keys() {
-        let cas = envoy_ca_serials(&mesh, pod).await;
+        let cas = envoy_cert_serials(&mesh, pod, "ca_cert").await;
         assert_eq!(
             cas,
             BTreeSet::from([new_root.clone()]),

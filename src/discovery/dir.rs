@@ -179,22 +179,10 @@ impl DirSource {
             errors,
         } = snapshot;
         let counts = objects.counts();
-        self.objects.send_if_modified(|current| {
-            if **current == objects {
-                return false;
-            }
-            *current = Arc::new(objects);
-            true
-        });
+        super::publish_if_changed(&self.objects, objects, false);
         // The first load always publishes, so readers can wait for the
         // mesh channel to change to know discovery has synced.
-        let changed = self.mesh.send_if_modified(|current| {
-            if !initial && **current == mesh {
-                return false;
-            }
-            *current = Arc::new(mesh);
-            true
-        });
+        let changed = super::publish_if_changed(&self.mesh, mesh, initial);
         if changed && !initial {
             debug!(dir = %self.dir.display(), "mesh changed");
         }

@@ -271,27 +271,9 @@ impl KubeSource {
                 "kubernetes discovery synced"
             );
         }
-        self.namespaces.send_if_modified(|current| {
-            if **current == meshed {
-                return false;
-            }
-            *current = Arc::new(meshed);
-            true
-        });
-        self.objects.send_if_modified(|current| {
-            if **current == objects {
-                return false;
-            }
-            *current = Arc::new(objects);
-            true
-        });
-        let changed = self.mesh.send_if_modified(|current| {
-            if !initial && **current == mesh {
-                return false;
-            }
-            *current = Arc::new(mesh);
-            true
-        });
+        super::publish_if_changed(&self.namespaces, meshed, false);
+        super::publish_if_changed(&self.objects, objects, false);
+        let changed = super::publish_if_changed(&self.mesh, mesh, initial);
         self.status.send_modify(|status| {
             let status = Arc::make_mut(status);
             status.synced = true;

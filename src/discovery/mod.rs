@@ -24,6 +24,23 @@ use std::fmt;
 use std::path::PathBuf;
 
 pub use self::kube::{KubeSource, MeshNamespaces};
+
+/// Publish `value` on `tx` unless it equals the current value (`force`
+/// publishes anyway). Returns whether readers were notified. Shared by the
+/// directory and Kubernetes sources so a no-op reload never wakes anyone.
+pub(crate) fn publish_if_changed<T: PartialEq>(
+    tx: &tokio::sync::watch::Sender<std::sync::Arc<T>>,
+    value: T,
+    force: bool,
+) -> bool {
+    tx.send_if_modified(|current| {
+        if !force && **current == value {
+            return false;
+        }
+        *current = std::sync::Arc::new(value);
+        true
+    })
+}
 pub use convert::build_mesh;
 pub use dir::DirSource;
 pub use objects::{KubeObject, ObjectCounts, ObjectKind, ObjectSet};
