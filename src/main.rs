@@ -147,7 +147,9 @@ struct BootstrapArgs {
     /// Output directory for envoy.yaml and the credential.
     #[arg(long)]
     out: PathBuf,
-    /// Where the sidecar reaches Ward's xDS port.
+    /// Where the sidecar reaches Ward's xDS port: HOST:PORT, or several
+    /// comma-separated (one per replica; a failed ADS stream reconnects to
+    /// another).
     #[arg(long, default_value = "127.0.0.1:15010")]
     xds_addr: String,
     /// Envoy admin address (default: the pod IP, port 15000).
