@@ -163,7 +163,7 @@ async fn sidecars_fail_over_to_another_replica_without_failed_requests() {
         b.authority.trust_bundle_pem(),
         "replicas share the mesh root"
     );
-    let mut replicas = vec![Some(a), Some(b)];
+    let mut replicas = [Some(a), Some(b)];
     let addrs = replicas
         .iter()
         .flatten()
