@@ -116,6 +116,25 @@ fn split_host_port(addr: &str) -> Option<(String, u16)> {
     valid.then(|| (host.to_string(), port))
 }
 
+/// An xDS client credential as PEM: what `ward bootstrap` issues itself and
+/// what `ward sidecar-init` receives from Ward's credential endpoint.
+#[derive(Clone)]
+pub struct XdsCredential {
+    /// The client certificate (and chain) Envoy presents to Ward.
+    pub cert_pem: String,
+    /// Its private key; written 0600.
+    pub key_pem: String,
+    /// The xDS CA bundle Envoy checks Ward's serving certificate against.
+    pub ca_pem: String,
+}
+
+impl std::fmt::Debug for XdsCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the key.
+        f.debug_struct("XdsCredential").finish_non_exhaustive()
+    }
+}
+
 /// Write `envoy.yaml` (and, unless insecure, the credential) into `out`.
 pub fn write(
     opts: &BootstrapOptions,
@@ -127,16 +146,70 @@ pub fn write(
         .workloads
         .get(&opts.pod)
         .ok_or_else(|| BootstrapError::UnknownPod(opts.pod.clone()))?;
-    let xds_addrs = split_addrs(&opts.xds_addr)
-        .ok_or_else(|| BootstrapError::XdsAddr(opts.xds_addr.clone()))?;
     let admin = opts
         .envoy_admin
         .unwrap_or_else(|| SocketAddr::new(workload.ip, 15000));
-    let cluster = mesh
-        .services_selecting(workload)
-        .next()
+    let credential = match (opts.insecure, xds_ca) {
+        (false, Some(ca)) => Some(issue_credential(
+            ca,
+            mesh,
+            &opts.pod,
+            &opts.trust_domain,
+            opts.credential_ttl,
+        )?),
+        _ => None,
+    };
+    let cluster = node_cluster(mesh, &opts.pod);
+    write_with(opts, &cluster, admin, credential.as_ref(), out)
+}
+
+/// Envoy's `node.cluster` for a pod: the first Service selecting it, else
+/// the pod name.
+pub fn node_cluster(mesh: &Mesh, pod: &ObjectKey) -> String {
+    mesh.workloads
+        .get(pod)
+        .and_then(|w| mesh.services_selecting(w).next())
         .map(|s| s.key.name.clone())
-        .unwrap_or_else(|| opts.pod.name.clone());
+        .unwrap_or_else(|| pod.name.clone())
+}
+
+/// Issue the xDS client credential for `pod` (which must be in `mesh`).
+pub fn issue_credential(
+    ca: &Authority,
+    mesh: &Mesh,
+    pod: &ObjectKey,
+    trust_domain: &str,
+    ttl: Duration,
+) -> Result<XdsCredential, BootstrapError> {
+    let workload = mesh
+        .workloads
+        .get(pod)
+        .ok_or_else(|| BootstrapError::UnknownPod(pod.clone()))?;
+    let id = workload.spiffe_id(trust_domain);
+    let cred = ca
+        .issue_xds_client(pod, &id, ttl)
+        .map_err(|source| BootstrapError::Credential {
+            pod: pod.clone(),
+            source,
+        })?;
+    Ok(XdsCredential {
+        cert_pem: cred.cert_pem.clone(),
+        key_pem: cred.key_pem.expose().to_string(),
+        ca_pem: ca.trust_bundle_pem(),
+    })
+}
+
+/// Write `envoy.yaml` for `opts.pod` with a credential obtained elsewhere
+/// (`None`: plaintext ADS), Envoy's `node.cluster` and admin address given.
+pub fn write_with(
+    opts: &BootstrapOptions,
+    cluster: &str,
+    admin: SocketAddr,
+    credential: Option<&XdsCredential>,
+    out: &Path,
+) -> Result<BootstrapFiles, BootstrapError> {
+    let xds_addrs = split_addrs(&opts.xds_addr)
+        .ok_or_else(|| BootstrapError::XdsAddr(opts.xds_addr.clone()))?;
     std::fs::create_dir_all(out).map_err(|source| BootstrapError::Write {
         path: out.to_path_buf(),
         source,
@@ -155,18 +228,11 @@ pub fn write(
         Ok(path)
     };
 
-    let (transport, credential) = match (opts.insecure, xds_ca) {
-        (false, Some(ca)) => {
-            let id = workload.spiffe_id(&opts.trust_domain);
-            let cred = ca
-                .issue_xds_client(&opts.pod, &id, opts.credential_ttl)
-                .map_err(|source| BootstrapError::Credential {
-                    pod: opts.pod.clone(),
-                    source,
-                })?;
+    let (transport, credential) = match credential.filter(|_| !opts.insecure) {
+        Some(cred) => {
             let cert = write_file(CERT_FILE, &cred.cert_pem, false)?;
-            let key = write_file(KEY_FILE, cred.key_pem.expose(), true)?;
-            let ca_file = write_file(CA_FILE, &ca.trust_bundle_pem(), false)?;
+            let key = write_file(KEY_FILE, &cred.key_pem, true)?;
+            let ca_file = write_file(CA_FILE, &cred.ca_pem, false)?;
             let tls = TLS_TEMPLATE
                 .replace("${CERT_FILE}", &cert.display().to_string())
                 .replace("${KEY_FILE}", &key.display().to_string())
@@ -174,7 +240,7 @@ pub fn write(
                 .replace("${XDS_SERVER_ID}", &xds_server_id(&opts.trust_domain));
             (tls, Some((cert, key, ca_file)))
         }
-        _ => (String::new(), None),
+        None => (String::new(), None),
     };
     let endpoints = xds_addrs
         .iter()
@@ -187,7 +253,7 @@ pub fn write(
         .join("\n");
     let body = TEMPLATE
         .replace("${NODE_ID}", &names::node_id(&opts.pod))
-        .replace("${NODE_CLUSTER}", &cluster)
+        .replace("${NODE_CLUSTER}", cluster)
         .replace("${ADMIN_IP}", &admin.ip().to_string())
         .replace("${ADMIN_PORT}", &admin.port().to_string())
         .replace("${XDS_CLUSTER_TYPE}", cluster_type(&xds_addrs))
