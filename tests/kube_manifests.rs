@@ -168,7 +168,14 @@ fn ward_deployment_is_ha_probed_sized_and_non_root() {
         .iter()
         .map(|p| p.container_port)
         .collect();
-    assert_eq!(ports, BTreeSet::from([15010, 15014]));
+    // xDS, admin, and the sidecar-init credential endpoint.
+    assert_eq!(ports, BTreeSet::from([15010, 15012, 15014]));
+    assert!(
+        c.args
+            .as_ref()
+            .unwrap()
+            .contains(&"--credential-addr=0.0.0.0:15012".to_string())
+    );
     let sc = c.security_context.as_ref().unwrap();
     assert_eq!(sc.allow_privilege_escalation, Some(false));
     assert_eq!(sc.read_only_root_filesystem, Some(true));

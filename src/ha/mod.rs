@@ -22,7 +22,7 @@ pub mod events;
 pub mod leader;
 pub mod trust_bundle;
 
-pub use ca_secret::{CA_SECRET, load_or_create_ca};
+pub use ca_secret::{CA_SECRET, XDS_CA_SECRET, load_or_create_ca};
 pub use events::{PolicyEvents, REASON_INVALID_POLICY};
 pub use leader::{LeaderConfig, LeaderElector};
 pub use trust_bundle::{
@@ -126,6 +126,13 @@ pub const API_CALLS: &[ApiCall] = &[
     ),
     // The CA Secret (create-if-absent, every replica at start).
     call(Scope::WardNamespace, "", "secrets", "get", Some(CA_SECRET)),
+    call(
+        Scope::WardNamespace,
+        "",
+        "secrets",
+        "get",
+        Some(XDS_CA_SECRET),
+    ),
     call(Scope::WardNamespace, "", "secrets", "create", None),
     // Leader election.
     call(
