@@ -145,14 +145,13 @@ async fn sidecars_fail_over_to_another_replica_without_failed_requests() {
     std::fs::create_dir_all(&config_dir).unwrap();
     std::fs::write(config_dir.join("mesh.yaml"), MESH).unwrap();
 
-    // Two replicas on one state dir and one config dir. The first start
-    // generates the mesh root and the xDS CA; the second loads them.
-    let a = app::start(serve_config(&config_dir, &state_dir))
-        .await
-        .unwrap();
-    let b = app::start(serve_config(&config_dir, &state_dir))
-        .await
-        .unwrap();
+    // Two replicas on one state dir and one config dir, started at the same
+    // time: one generates the mesh root and the xDS CA, the other waits for
+    // it and loads them.
+    let start_a = tokio::spawn(app::start(serve_config(&config_dir, &state_dir)));
+    let start_b = tokio::spawn(app::start(serve_config(&config_dir, &state_dir)));
+    let a = start_a.await.unwrap().unwrap();
+    let b = start_b.await.unwrap().unwrap();
     assert_eq!(
         a.xds_ca.trust_bundle_pem(),
         b.xds_ca.trust_bundle_pem(),
