@@ -99,6 +99,13 @@ pub struct Running {
     pub leader: tokio::sync::watch::Receiver<bool>,
     /// mTLS policy state (what `/debug/policy` shows).
     pub policy: tokio::sync::watch::Receiver<Arc<crate::policy::PolicyStatus>>,
+    /// The mesh as discovery sees it (before policy rollout): the
+    /// credential endpoint checks pods against it.
+    pub mesh: tokio::sync::watch::Receiver<Arc<crate::model::Mesh>>,
+    pub trust_domain: String,
+    /// The xDS serving certificate and key (none with `--insecure-xds`);
+    /// the credential endpoint serves TLS with it too.
+    xds_server_cert: Option<(String, String)>,
     tasks: TaskTracker,
 }
 
@@ -113,6 +120,41 @@ impl Running {
         {
             tracing::warn!("shutdown deadline of {deadline:?} passed; exiting anyway");
         }
+    }
+
+    /// Serve `POST /v1/credential` (`ward sidecar-init`) over TLS on
+    /// `addr`, with the xDS serving certificate, checking tokens with
+    /// TokenReviews against `client`. Returns the bound address.
+    pub async fn serve_credentials(
+        &self,
+        addr: SocketAddr,
+        client: kube::Client,
+        ttl: Duration,
+    ) -> anyhow::Result<SocketAddr> {
+        let Some((cert, key)) = &self.xds_server_cert else {
+            anyhow::bail!("--credential-addr needs TLS on xDS (not --insecure-xds)");
+        };
+        let tls = crate::credential::server_tls(cert, key)?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the credential port {addr}"))?;
+        let bound = listener.local_addr()?;
+        let svc = crate::credential::CredentialService {
+            client,
+            xds_ca: self.xds_ca.clone(),
+            mesh: self.mesh.clone(),
+            trust_domain: self.trust_domain.clone(),
+            ttl,
+        };
+        let shutdown = self.shutdown.clone();
+        self.tasks.spawn(async move {
+            if let Err(e) = crate::credential::serve(svc, listener, tls, shutdown.clone()).await {
+                tracing::error!("credential endpoint failed: {e}");
+                shutdown.cancel();
+            }
+        });
+        tracing::info!(%bound, "credential endpoint started");
+        Ok(bound)
     }
 
     /// Wait until something cancels the shutdown token (Ctrl-C, a fatal task error).
@@ -201,6 +243,7 @@ async fn start_with(cfg: ServeConfig, kube: Option<KubeServe>) -> anyhow::Result
             (Source::Kube(src), m, s)
         }
     };
+    let discovered = meshes.clone();
     let certs = CertManager::new(authority.clone(), cfg.rotation.clone());
     certs
         .persist_to(cfg.state_dir.join("certs"))
@@ -311,6 +354,9 @@ async fn start_with(cfg: ServeConfig, kube: Option<KubeServe>) -> anyhow::Result
         })
     };
 
+    let xds_server_cert = tls
+        .as_ref()
+        .map(|t| (t.cert_pem.clone(), t.key_pem.clone()));
     let ctx = Arc::new(XdsContext {
         trust_domain: cfg.trust_domain.clone(),
         snapshots: snapshots.clone(),
@@ -370,7 +416,8 @@ async fn start_with(cfg: ServeConfig, kube: Option<KubeServe>) -> anyhow::Result
                 namespaces,
                 leader.clone(),
                 k.resync,
-            );
+            )
+            .with_xds_bundle(xds_ca.trust_bundle_pem());
             tasks.spawn(publisher.run(shutdown.clone()));
             let events =
                 PolicyEvents::new(k.client.clone(), status, leader.clone(), k.identity.clone());
@@ -413,6 +460,9 @@ async fn start_with(cfg: ServeConfig, kube: Option<KubeServe>) -> anyhow::Result
         rotation,
         leader,
         policy: policy_status,
+        mesh: discovered,
+        trust_domain: cfg.trust_domain.clone(),
+        xds_server_cert,
         tasks,
     })
 }

@@ -25,6 +25,8 @@
 //! - [`translate`]: the pure model → Envoy resources function; [`translate::names`]
 //!   builds every resource name.
 //! - [`xds`]: snapshot cache and the ADS gRPC server.
+//! - [`credential`]: Kubernetes mode: the TokenReview-checked credential
+//!   endpoint for `ward sidecar-init`, and that client.
 //! - [`admin`]: HTTP health, readiness, metrics and debug endpoints.
 //! - [`app`]: wiring: spawns every task and shuts them down together.
 
@@ -32,6 +34,7 @@ pub mod admin;
 pub mod app;
 pub mod bootstrap;
 pub mod ca;
+pub mod credential;
 pub mod demo;
 pub mod discovery;
 pub mod ha;

@@ -29,6 +29,9 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Write an Envoy sidecar bootstrap and its xDS credential for one pod.
     Bootstrap(BootstrapArgs),
+    /// Init container: get this pod's xDS credential from Ward with its
+    /// service-account token and write the bootstrap (Kubernetes).
+    SidecarInit(SidecarInitArgs),
     /// Bring up a local mesh on loopback with real Envoy sidecars and verify mTLS.
     Demo(ward::demo::DemoArgs),
     /// Show connected proxies and what they ACKed (from a running Ward's admin API).
@@ -73,6 +76,13 @@ struct ServeArgs {
     /// Admin HTTP listen address (/healthz /readyz /metrics /debug/...).
     #[arg(long, env = "WARD_ADMIN_ADDR", default_value = "127.0.0.1:15014")]
     admin_addr: SocketAddr,
+    /// With --kubernetes: serve `ward sidecar-init` credentials (HTTPS,
+    /// POST /v1/credential) on this address.
+    #[arg(long, env = "WARD_CREDENTIAL_ADDR")]
+    credential_addr: Option<SocketAddr>,
+    /// Lifetime of the xDS credentials the credential endpoint issues.
+    #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
+    sidecar_credential_ttl: Duration,
     /// Lifetime of workload certificates (e.g. 1h, 10m, 30s).
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     cert_ttl: Duration,
@@ -150,7 +160,9 @@ struct BootstrapArgs {
     /// Output directory for envoy.yaml and the credential.
     #[arg(long)]
     out: PathBuf,
-    /// Where the sidecar reaches Ward's xDS port.
+    /// Where the sidecar reaches Ward's xDS port: HOST:PORT, or several
+    /// comma-separated (one per replica; a failed ADS stream reconnects to
+    /// another).
     #[arg(long, default_value = "127.0.0.1:15010")]
     xds_addr: String,
     /// Envoy admin address (default: the pod IP, port 15000).
@@ -159,6 +171,41 @@ struct BootstrapArgs {
     /// Lifetime of the xDS client credential.
     #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
     credential_ttl: Duration,
+}
+
+#[derive(Args)]
+struct SidecarInitArgs {
+    /// Ward's credential endpoint.
+    #[arg(
+        long,
+        env = "WARD_URL",
+        default_value = "https://ward.ward-system.svc:15012"
+    )]
+    ward_url: String,
+    /// The projected service-account token (audience `ward`).
+    #[arg(long, default_value = "/var/run/secrets/ward/token")]
+    token_file: PathBuf,
+    /// CA bundle that verifies Ward (key `xds-ca.pem` of ConfigMap ward-trust-bundle).
+    #[arg(long, default_value = "/var/run/ward-trust-bundle/xds-ca.pem")]
+    ca_file: PathBuf,
+    /// Output directory for envoy.yaml and the credential (an emptyDir).
+    #[arg(long)]
+    out: PathBuf,
+    /// Where the sidecar reaches Ward's xDS port (HOST:PORT, or several comma-separated).
+    #[arg(long, default_value = "ward.ward-system.svc:15010")]
+    xds_addr: String,
+    /// Envoy's admin listener.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    envoy_admin: SocketAddr,
+    /// SPIFFE trust domain (Ward's xDS server identity is spiffe://TD/ward).
+    #[arg(long, env = "WARD_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// This pod's name (downward API).
+    #[arg(long, env = "POD_NAME")]
+    pod_name: String,
+    /// This pod's namespace (downward API).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pod_namespace: String,
 }
 
 #[derive(Args)]
@@ -237,6 +284,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(a) => serve(*a).await,
         Command::Bootstrap(a) => bootstrap(a),
+        Command::SidecarInit(a) => sidecar_init(a).await,
         Command::Demo(a) => ward::demo::run(a).await,
         Command::Status(a) => status(a).await,
         Command::Ca {
@@ -320,8 +368,17 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
             renew_every: a.kube.lease_renew,
             resync: Duration::from_secs(60),
         };
-        app::start_kubernetes(cfg, k).await?
+        let running = app::start_kubernetes(cfg, k.clone()).await?;
+        if let Some(addr) = a.credential_addr {
+            running
+                .serve_credentials(addr, k.client, a.sidecar_credential_ttl)
+                .await?;
+        }
+        running
     } else {
+        if a.credential_addr.is_some() {
+            bail!("--credential-addr needs --kubernetes (it checks tokens with TokenReviews)");
+        }
         app::start(cfg).await?
     };
     tokio::select! {
@@ -371,6 +428,36 @@ fn bootstrap(a: BootstrapArgs) -> anyhow::Result<()> {
         "run: envoy -c {} --concurrency 1",
         files.bootstrap.display()
     );
+    Ok(())
+}
+
+async fn sidecar_init(a: SidecarInitArgs) -> anyhow::Result<()> {
+    let pod = ObjectKey::new(&a.pod_namespace, &a.pod_name);
+    let token = ward::credential::read_file(&a.token_file)?;
+    let ca = ward::credential::read_file(&a.ca_file)?;
+    let resp = ward::credential::fetch(&a.ward_url, &ca, &a.ca_file, &token).await?;
+    if resp.pod != pod.to_string() {
+        bail!(
+            "Ward issued a credential for pod {} but this is {pod} (POD_NAMESPACE/POD_NAME)",
+            resp.pod
+        );
+    }
+    let opts = ward::bootstrap::BootstrapOptions {
+        pod,
+        xds_addr: a.xds_addr,
+        envoy_admin: Some(a.envoy_admin),
+        trust_domain: a.trust_domain,
+        insecure: false,
+        credential_ttl: Duration::ZERO,
+    };
+    let cred = ward::bootstrap::XdsCredential {
+        cert_pem: resp.cert_pem,
+        key_pem: resp.key_pem,
+        ca_pem: resp.ca_pem,
+    };
+    let files =
+        ward::bootstrap::write_with(&opts, &resp.cluster, a.envoy_admin, Some(&cred), &a.out)?;
+    println!("wrote {}", files.bootstrap.display());
     Ok(())
 }
 

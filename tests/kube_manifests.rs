@@ -168,7 +168,14 @@ fn ward_deployment_is_ha_probed_sized_and_non_root() {
         .iter()
         .map(|p| p.container_port)
         .collect();
-    assert_eq!(ports, BTreeSet::from([15010, 15014]));
+    // xDS, admin, and the sidecar-init credential endpoint.
+    assert_eq!(ports, BTreeSet::from([15010, 15012, 15014]));
+    assert!(
+        c.args
+            .as_ref()
+            .unwrap()
+            .contains(&"--credential-addr=0.0.0.0:15012".to_string())
+    );
     let sc = c.security_context.as_ref().unwrap();
     assert_eq!(sc.allow_privilege_escalation, Some(false));
     assert_eq!(sc.read_only_root_filesystem, Some(true));
@@ -268,4 +275,74 @@ fn rbac_grants_exactly_what_the_code_calls() {
         extra.is_empty(),
         "RBAC grants more than Ward uses: {extra:?}"
     );
+}
+
+/// The demo pods' init containers run `ward sidecar-init` with flags the
+/// binary accepts, mount the projected token (audience `ward`) and the
+/// trust bundle where those flags point, and share the emptyDir with Envoy.
+#[test]
+fn demo_init_containers_run_sidecar_init_as_the_cli_defines_it() {
+    let p = parse_all();
+    let mut seen = 0;
+    for d in &p.deployments {
+        let spec = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        let Some(init) = spec
+            .init_containers
+            .as_ref()
+            .and_then(|c| c.iter().find(|c| c.name == "ward-init"))
+        else {
+            continue;
+        };
+        seen += 1;
+        let name = d.metadata.name.clone().unwrap_or_default();
+        let args = init.args.clone().unwrap();
+        assert_eq!(args[0], "sidecar-init", "{name}");
+        // Run the real binary with the manifest's arguments: clap accepts
+        // them, and the first failure is the (absent here) token file.
+        let out = Command::new(env!("CARGO_BIN_EXE_ward"))
+            .args(&args)
+            .env("POD_NAME", "x-0")
+            .env("POD_NAMESPACE", "demo")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            stderr.contains("reading /var/run/secrets/ward/token"),
+            "{name}: {stderr}"
+        );
+        let volumes = spec.volumes.as_ref().unwrap();
+        let token = volumes.iter().find(|v| v.name == "ward-token").unwrap();
+        let sources = token.projected.as_ref().unwrap().sources.as_ref().unwrap();
+        let sat = sources[0].service_account_token.as_ref().unwrap();
+        assert_eq!(sat.audience.as_deref(), Some("ward"), "{name}");
+        let mounts = init.volume_mounts.as_ref().unwrap();
+        let mount = |v: &str| {
+            mounts
+                .iter()
+                .find(|m| m.name == v)
+                .map(|m| m.mount_path.clone())
+        };
+        assert_eq!(
+            mount("ward-token").as_deref(),
+            Some("/var/run/secrets/ward")
+        );
+        assert!(args.contains(&"--ca-file=/var/run/ward-trust-bundle/xds-ca.pem".to_string()));
+        assert_eq!(
+            mount("ward-trust-bundle").as_deref(),
+            Some("/var/run/ward-trust-bundle")
+        );
+        let boot = volumes.iter().find(|v| v.name == "ward-bootstrap").unwrap();
+        assert!(boot.empty_dir.is_some(), "{name}");
+        let envoy = spec.containers.iter().find(|c| c.name == "envoy").unwrap();
+        assert!(
+            envoy
+                .volume_mounts
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|m| m.name == "ward-bootstrap" && m.mount_path == "/etc/ward")
+        );
+    }
+    assert_eq!(seen, 2, "client and server");
 }

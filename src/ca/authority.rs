@@ -34,6 +34,10 @@ pub const ROOT_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 pub const ROOT_CERT_FILE: &str = "ca/root.crt";
 /// Path of the generated root key under the state directory.
 pub const ROOT_KEY_FILE: &str = "ca/root.key";
+/// Held (created exclusively) while a root is being generated.
+const ROOT_LOCK_FILE: &str = ".generate.lock";
+/// How long a start waits for another process generating the root.
+const ROOT_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A private key in PEM form. Never printed: `Debug` and `Display` show
 /// `<redacted>`, so a key cannot leak through a log line or a debug dump.
@@ -146,6 +150,50 @@ impl Authority {
         kind: RootKind,
     ) -> Result<Authority, CaError> {
         validate_trust_domain(trust_domain)?;
+        let cert_path = state_dir.join(ROOT_CERT_FILE);
+        let key_path = state_dir.join(ROOT_KEY_FILE);
+        if cert_path.exists() && key_path.exists() {
+            return Self::load_or_generate_locked(state_dir, trust_domain, kind);
+        }
+        // Replicas sharing a state dir may start at the same instant: only
+        // the holder of an exclusive lock file generates; the others wait
+        // for it and load what it wrote, so there is one root.
+        let dir = cert_path.parent().unwrap_or(state_dir);
+        store::create_private_dir(dir)?;
+        let lock = dir.join(ROOT_LOCK_FILE);
+        let deadline = std::time::Instant::now() + ROOT_LOCK_WAIT;
+        loop {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&lock)
+            {
+                Ok(_) => {
+                    let res = Self::load_or_generate_locked(state_dir, trust_domain, kind);
+                    let _ = std::fs::remove_file(&lock);
+                    return res;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(CaError::file(
+                            &lock,
+                            "another Ward has been generating the root for too long; \
+                             remove this file if no Ward is starting",
+                        ));
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(CaError::io(&lock, "create", e)),
+            }
+        }
+    }
+
+    /// [`Authority::load_or_generate_as`] once no other process generates.
+    fn load_or_generate_locked(
+        state_dir: &Path,
+        trust_domain: &str,
+        kind: RootKind,
+    ) -> Result<Authority, CaError> {
         let cert_path = state_dir.join(ROOT_CERT_FILE);
         let key_path = state_dir.join(ROOT_KEY_FILE);
         match (cert_path.exists(), key_path.exists()) {
@@ -959,6 +1007,26 @@ mod tests {
             None,
         )
         .map(|_| ())
+    }
+
+    #[test]
+    fn replicas_starting_together_on_one_state_dir_share_one_root() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let starts: Vec<_> = (0..4)
+            .map(|_| {
+                let dir = dir.clone();
+                std::thread::spawn(move || {
+                    Authority::load_or_generate(&dir, "cluster.local").map(|a| a.trust_bundle_pem())
+                })
+            })
+            .collect();
+        let roots: std::collections::BTreeSet<String> = starts
+            .into_iter()
+            .map(|t| t.join().unwrap().unwrap())
+            .collect();
+        assert_eq!(roots.len(), 1, "one root for every replica");
+        assert!(!dir.join("ca").join(ROOT_LOCK_FILE).exists());
     }
 
     #[test]

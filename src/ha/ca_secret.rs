@@ -24,6 +24,9 @@ use crate::ca::Authority;
 
 /// Name of the CA Secret in Ward's namespace.
 pub const CA_SECRET: &str = "ward-ca";
+/// Default name of the xDS CA Secret (`<--ca-secret>-xds`): every replica
+/// must sign and trust sidecar credentials with the same xDS CA.
+pub const XDS_CA_SECRET: &str = "ward-ca-xds";
 pub const CERT_KEY: &str = "ca.crt";
 pub const KEY_KEY: &str = "ca.key";
 pub const CHAIN_KEY: &str = "chain.crt";

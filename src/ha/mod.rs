@@ -22,10 +22,12 @@ pub mod events;
 pub mod leader;
 pub mod trust_bundle;
 
-pub use ca_secret::{CA_SECRET, load_or_create_ca};
+pub use ca_secret::{CA_SECRET, XDS_CA_SECRET, load_or_create_ca};
 pub use events::{PolicyEvents, REASON_INVALID_POLICY};
 pub use leader::{LeaderConfig, LeaderElector};
-pub use trust_bundle::{TRUST_BUNDLE_CONFIGMAP, TRUST_BUNDLE_KEY, TrustBundlePublisher};
+pub use trust_bundle::{
+    TRUST_BUNDLE_CONFIGMAP, TRUST_BUNDLE_KEY, TRUST_BUNDLE_XDS_KEY, TrustBundlePublisher,
+};
 
 /// Name of the leader-election Lease in Ward's namespace.
 pub const LEADER_LEASE: &str = "ward-leader";
@@ -114,8 +116,23 @@ pub const API_CALLS: &[ApiCall] = &[
     ),
     // Feedback on policy ConfigMaps (leader), in their namespace.
     call(Scope::Cluster, "", "events", "create", None),
+    // The credential endpoint (`ward sidecar-init`): who is this token?
+    call(
+        Scope::Cluster,
+        "authentication.k8s.io",
+        "tokenreviews",
+        "create",
+        None,
+    ),
     // The CA Secret (create-if-absent, every replica at start).
     call(Scope::WardNamespace, "", "secrets", "get", Some(CA_SECRET)),
+    call(
+        Scope::WardNamespace,
+        "",
+        "secrets",
+        "get",
+        Some(XDS_CA_SECRET),
+    ),
     call(Scope::WardNamespace, "", "secrets", "create", None),
     // Leader election.
     call(

@@ -20,6 +20,9 @@ use super::{HaError, is_status};
 
 pub const TRUST_BUNDLE_CONFIGMAP: &str = "ward-trust-bundle";
 pub const TRUST_BUNDLE_KEY: &str = "root-cert.pem";
+/// Key of the xDS CA bundle in the same ConfigMap: `ward sidecar-init`
+/// verifies Ward's credential endpoint with it.
+pub const TRUST_BUNDLE_XDS_KEY: &str = "xds-ca.pem";
 
 /// Keeps `ward-trust-bundle` current in every meshed namespace.
 pub struct TrustBundlePublisher {
@@ -32,6 +35,8 @@ pub struct TrustBundlePublisher {
     leader: watch::Receiver<bool>,
     /// Periodic full reconcile.
     resync: Duration,
+    /// The xDS CA bundle, published under [`TRUST_BUNDLE_XDS_KEY`] when set.
+    xds_bundle: Option<String>,
 }
 
 impl TrustBundlePublisher {
@@ -48,7 +53,14 @@ impl TrustBundlePublisher {
             namespaces,
             leader,
             resync,
+            xds_bundle: None,
         }
+    }
+
+    /// Also publish the xDS CA bundle (for `ward sidecar-init`).
+    pub fn with_xds_bundle(mut self, pem: String) -> Self {
+        self.xds_bundle = Some(pem);
+        self
     }
 
     pub async fn run(mut self, shutdown: CancellationToken) {
@@ -82,7 +94,10 @@ impl TrustBundlePublisher {
             object: object.clone(),
             source,
         };
-        let data = BTreeMap::from([(TRUST_BUNDLE_KEY.to_string(), self.bundle.clone())]);
+        let mut data = BTreeMap::from([(TRUST_BUNDLE_KEY.to_string(), self.bundle.clone())]);
+        if let Some(xds) = &self.xds_bundle {
+            data.insert(TRUST_BUNDLE_XDS_KEY.to_string(), xds.clone());
+        }
         match api.get_opt(TRUST_BUNDLE_CONFIGMAP).await.map_err(api_err)? {
             None => {
                 let cm = ConfigMap {

@@ -106,6 +106,8 @@ struct State {
     calls: Vec<(String, String)>,
     watches_started: u64,
     uid: u64,
+    /// TokenReview: token → (audiences, username, bound pod name).
+    tokens: BTreeMap<String, (Vec<String>, String, Option<String>)>,
 }
 
 /// The fake API server. Dropping it stops it.
@@ -151,6 +153,19 @@ impl FakeKube {
             signals,
             task,
         }
+    }
+
+    /// Make `token` valid for TokenReviews: issued for `audiences`, to
+    /// `username` (`system:serviceaccount:NS:SA`), bound to pod `pod`.
+    pub fn add_token(&self, token: &str, audiences: &[&str], username: &str, pod: Option<&str>) {
+        self.state.lock().unwrap().tokens.insert(
+            token.to_string(),
+            (
+                audiences.iter().map(|a| a.to_string()).collect(),
+                username.to_string(),
+                pod.map(String::from),
+            ),
+        );
     }
 
     /// A kube client pointed at this server (plain HTTP, no auth).
@@ -436,6 +451,9 @@ async fn handle(shared: Shared, method: Method, uri: Uri, body: Bytes) -> Respon
     let Some(t) = parse_path(uri.path()) else {
         return error(404, "NotFound", format!("no route {}", uri.path()));
     };
+    if t.prefix == "apis/authentication.k8s.io/v1" && t.plural == "tokenreviews" {
+        return token_review(&shared, &method, &body);
+    }
     let Some(kind) = lookup_plural(&t.prefix, &t.plural) else {
         return error(404, "NotFound", format!("resource {} not served", t.plural));
     };
@@ -675,4 +693,61 @@ fn watch(shared: Shared, t: Target, kind: &'static str, q: BTreeMap<String, Stri
         .header("content-type", "application/json")
         .body(Body::from_stream(ReceiverStream::new(rx)))
         .unwrap()
+}
+
+/// `POST /apis/authentication.k8s.io/v1/tokenreviews`, answered like the
+/// real API server: unknown tokens and tokens for none of the asked
+/// audiences are `authenticated: false` with an error; otherwise the user,
+/// the matching audiences and, for a bound token, the pod name in `extra`.
+fn token_review(shared: &Shared, method: &Method, body: &Bytes) -> Response {
+    if method != Method::POST {
+        return error(405, "MethodNotAllowed", "tokenreviews only support create");
+    }
+    let mut st = shared.state.lock().unwrap();
+    st.calls.push((
+        "create".to_string(),
+        "tokenreviews.authentication.k8s.io".to_string(),
+    ));
+    let Ok(req) = serde_json::from_slice::<Value>(body) else {
+        return error(400, "BadRequest", "TokenReview body is not JSON");
+    };
+    let token = req["spec"]["token"].as_str().unwrap_or_default();
+    let asked: Vec<String> = req["spec"]["audiences"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    let status = match st.tokens.get(token) {
+        None => json!({"authenticated": false, "error": "invalid bearer token"}),
+        Some((auds, user, pod)) => {
+            let matching: Vec<&String> = auds.iter().filter(|a| asked.contains(a)).collect();
+            if matching.is_empty() {
+                json!({
+                    "authenticated": false,
+                    "error": format!("[invalid bearer token, token audiences {auds:?} is invalid for the target audiences {asked:?}]"),
+                })
+            } else {
+                let mut extra = serde_json::Map::new();
+                if let Some(p) = pod {
+                    extra.insert("authentication.kubernetes.io/pod-name".into(), json!([p]));
+                }
+                json!({
+                    "authenticated": true,
+                    "audiences": matching,
+                    "user": {"username": user, "uid": "uid-sa", "extra": extra},
+                })
+            }
+        }
+    };
+    let resp = json!({
+        "apiVersion": "authentication.k8s.io/v1",
+        "kind": "TokenReview",
+        "metadata": {"creationTimestamp": null},
+        "spec": req["spec"],
+        "status": status,
+    });
+    (StatusCode::CREATED, axum::Json(resp)).into_response()
 }
