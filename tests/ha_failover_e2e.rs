@@ -82,6 +82,7 @@ fn serve_config(config_dir: &Path, state_dir: &Path) -> ServeConfig {
         rotation: RotationConfig::default(),
         ca_files: None,
         xds_server_names: vec![],
+        root_rotation_interval: None,
         policy_step_timeout: Duration::from_secs(30),
     }
 }

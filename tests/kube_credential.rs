@@ -60,6 +60,7 @@ async fn start_ward(fake: &FakeKube, tmp: &std::path::Path) -> (Running, SocketA
         rotation: RotationConfig::default(),
         ca_files: None,
         xds_server_names: vec![],
+        root_rotation_interval: None,
         policy_step_timeout: Duration::from_secs(30),
     };
     let k = KubeServe {
