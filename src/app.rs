@@ -15,7 +15,7 @@ use crate::admin::{self, AdminState};
 use crate::ca::{Authority, CertManager, RotationConfig};
 use crate::discovery::DirSource;
 use crate::metrics::{Metrics, Sampled};
-use crate::xds::{self, MeshCache, ProxyRegistry, XdsContext, XdsTls};
+use crate::xds::{self, MeshCache, ProxyRegistry, TaskCounter, XdsContext, XdsTls};
 
 /// Lifetime of Ward's own xDS serving certificate.
 const XDS_SERVER_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -37,6 +37,9 @@ pub struct ServeConfig {
     pub ca_files: Option<(PathBuf, PathBuf, Option<PathBuf>)>,
     /// Extra DNS names on the xDS serving certificate.
     pub xds_server_names: Vec<String>,
+    /// Quiet time after a mesh change before pushing (`--debounce`); zero
+    /// pushes every change at once.
+    pub push_debounce: Duration,
 }
 
 /// A started Ward.
@@ -46,6 +49,10 @@ pub struct Running {
     pub shutdown: CancellationToken,
     pub authority: Arc<Authority>,
     pub registry: Arc<ProxyRegistry>,
+    /// Live xDS stream tasks (leak tests, load benchmarks).
+    pub stream_tasks: Arc<TaskCounter>,
+    /// The certificate manager (rotation benchmarks, leak tests).
+    pub certs: CertManager,
     tasks: TaskTracker,
 }
 
@@ -106,6 +113,22 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
         ));
     }
     let (mesh_cache, snapshots) = MeshCache::new(meshes, cfg.trust_domain.clone());
+    let mesh_cache = mesh_cache.with_debounce(cfg.push_debounce);
+    let stream_tasks = Arc::new(TaskCounter::default());
+    {
+        let t = stream_tasks.clone();
+        metrics.register_sampled(Sampled::gauge(
+            "xds_stream_tasks",
+            "Live xDS stream tasks (SotW and delta)",
+            move || t.get() as f64,
+        ));
+        let c = certs.clone();
+        metrics.register_sampled(Sampled::gauge(
+            "cert_subscriptions",
+            "Streams subscribed to a workload certificate",
+            move || c.status().iter().map(|s| s.subscribers).sum::<usize>() as f64,
+        ));
+    }
 
     let xds_listener = TcpListener::bind(cfg.xds_addr)
         .await
@@ -146,6 +169,7 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
         metrics: metrics.clone(),
         insecure: cfg.insecure_xds,
         shutdown: shutdown.clone(),
+        stream_tasks: stream_tasks.clone(),
     });
     let admin_state = AdminState {
         registry: registry.clone(),
@@ -200,6 +224,8 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
         shutdown,
         authority,
         registry,
+        stream_tasks,
+        certs,
         tasks,
     })
 }

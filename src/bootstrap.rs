@@ -59,6 +59,8 @@ pub struct BootstrapOptions {
     pub insecure: bool,
     /// Lifetime of the ADS client credential.
     pub credential_ttl: Duration,
+    /// Incremental xDS (`api_type: DELTA_GRPC`) instead of state of the world.
+    pub delta: bool,
 }
 
 /// Paths of what [`write`] produced.
@@ -153,6 +155,10 @@ pub fn write(
     let body = TEMPLATE
         .replace("${NODE_ID}", &names::node_id(&opts.pod))
         .replace("${NODE_CLUSTER}", &cluster)
+        .replace(
+            "${API_TYPE}",
+            if opts.delta { "DELTA_GRPC" } else { "GRPC" },
+        )
         .replace("${ADMIN_IP}", &admin.ip().to_string())
         .replace("${ADMIN_PORT}", &admin.port().to_string())
         .replace("${XDS_CLUSTER_TYPE}", cluster_type)

@@ -99,6 +99,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             ..RotationConfig::default()
         },
         upstreams: BTreeMap::from([(client, CLIENT_OUTBOUND_TO_SERVER.to_string())]),
+        delta: false,
     };
     let mut mesh = LocalMesh::start(config).await?;
     println!(

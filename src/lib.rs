@@ -25,6 +25,7 @@
 //! - [`xds`]: snapshot cache and the ADS gRPC server.
 //! - [`admin`]: HTTP health, readiness, metrics and debug endpoints.
 //! - [`app`]: wiring: spawns every task and shuts them down together.
+//! - [`meshgen`]: generated meshes for load tests and benchmarks.
 
 pub mod admin;
 pub mod app;
@@ -33,6 +34,7 @@ pub mod ca;
 pub mod demo;
 pub mod discovery;
 pub mod local;
+pub mod meshgen;
 pub mod metrics;
 pub mod model;
 pub mod probe;

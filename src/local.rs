@@ -81,6 +81,8 @@ pub struct LocalMeshConfig {
     pub rotation: RotationConfig,
     /// Upstream URL per pod for its sample app's `/call`.
     pub upstreams: BTreeMap<ObjectKey, String>,
+    /// Sidecars use incremental (delta) xDS instead of state of the world.
+    pub delta: bool,
 }
 
 /// One Envoy sidecar process.
@@ -139,6 +141,7 @@ impl LocalMesh {
             rotation: config.rotation.clone(),
             ca_files: None,
             xds_server_names: vec![],
+            push_debounce: std::time::Duration::ZERO,
         };
         let ward = app::start(serve).await?;
         let apps = CancellationToken::new();
@@ -192,6 +195,7 @@ impl LocalMesh {
             trust_domain: self.config.trust_domain.clone(),
             insecure: false,
             credential_ttl: Duration::from_secs(24 * 3600),
+            delta: self.config.delta,
         };
         let files = bootstrap::write(&opts, &self.mesh, Some(&self.ward.authority), &out)?;
         let log = out.join("envoy.log");

@@ -85,6 +85,11 @@ struct ServeArgs {
     /// Extra DNS names for the xDS serving certificate (repeatable).
     #[arg(long = "xds-server-name")]
     xds_server_names: Vec<String>,
+    /// Quiet time after a mesh change before pushing to sidecars; changes
+    /// within it go out as one push. 0 (the default) pushes at once: the
+    /// directory watcher already coalesces file events.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    debounce: Duration,
     /// Seconds to let streams finish on shutdown.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     shutdown_deadline: Duration,
@@ -109,6 +114,9 @@ struct BootstrapArgs {
     /// Lifetime of the xDS client credential.
     #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
     credential_ttl: Duration,
+    /// Use incremental (delta) xDS: `api_type: DELTA_GRPC` in the bootstrap.
+    #[arg(long)]
+    delta: bool,
 }
 
 #[derive(Args)]
@@ -191,6 +199,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         },
         ca_files: a.ca_cert.zip(a.ca_key).map(|(c, k)| (c, k, a.ca_chain)),
         xds_server_names: a.xds_server_names,
+        push_debounce: a.debounce,
     };
     let running = app::start(cfg).await?;
     tokio::select! {
@@ -220,6 +229,7 @@ fn bootstrap(a: BootstrapArgs) -> anyhow::Result<()> {
             rotation: RotationConfig::default(),
             ca_files: None,
             xds_server_names: vec![],
+            push_debounce: Duration::ZERO,
         };
         Some(app::load_authority(&cfg)?)
     };
@@ -230,6 +240,7 @@ fn bootstrap(a: BootstrapArgs) -> anyhow::Result<()> {
         trust_domain: a.common.trust_domain,
         insecure: a.common.insecure_xds,
         credential_ttl: a.credential_ttl,
+        delta: a.delta,
     };
     let files = ward::bootstrap::write(&opts, &mesh, authority.as_ref(), &a.out)?;
     println!("wrote {}", files.bootstrap.display());

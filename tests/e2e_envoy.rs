@@ -77,6 +77,7 @@ async fn start_mesh(dir: &std::path::Path) -> LocalMesh {
             ObjectKey::new("e2e", "client-0"),
             "http://127.0.2.10:9080/".to_string(),
         )]),
+        delta: false,
     };
     let mut mesh = LocalMesh::start(config).await.expect("mesh starts");
     mesh.wait_converged(Duration::from_secs(30))

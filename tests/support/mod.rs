@@ -51,6 +51,7 @@ impl Ward {
             rotation: RotationConfig::default(),
             ca_files: None,
             xds_server_names: vec![],
+            push_debounce: Duration::ZERO,
         };
         tweak(&mut cfg);
         let running = app::start(cfg).await.expect("ward starts");
