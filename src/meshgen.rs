@@ -15,7 +15,7 @@ use crate::model::ObjectKey;
 
 /// Namespace of every generated object.
 pub const NAMESPACE: &str = "load";
-/// Service port (HTTP) and the pods' container port.
+/// The pods' container port (HTTP), the target of every service.
 pub const PORT: u16 = 8080;
 /// File the churned pod lives in, apart from the bulk of the mesh so that a
 /// change rewrites one small file.
@@ -43,6 +43,12 @@ pub fn pod_service(spec: &MeshSpec, j: usize) -> usize {
     j % spec.services.max(1)
 }
 
+/// Port of service `i`: distinct per service, because each proxy binds one
+/// outbound listener per service port on the same outbound address.
+pub fn service_port(i: usize) -> u16 {
+    10_000 + (i % 50_000) as u16
+}
+
 pub fn service_account(i: usize) -> String {
     format!("sa-{i}")
 }
@@ -55,7 +61,10 @@ pub fn pod_ip(j: usize) -> Ipv4Addr {
 
 /// The outbound cluster (= EDS name) of service `i`.
 pub fn cluster_name(i: usize) -> String {
-    crate::translate::names::outbound_cluster(&ObjectKey::new(NAMESPACE, service_name(i)), PORT)
+    crate::translate::names::outbound_cluster(
+        &ObjectKey::new(NAMESPACE, service_name(i)),
+        service_port(i),
+    )
 }
 
 fn pod_yaml(out: &mut String, name: &str, app: &str, sa: &str, ip: Ipv4Addr) {
@@ -73,10 +82,11 @@ pub fn mesh_yaml(spec: &MeshSpec) -> String {
     let mut out = String::with_capacity(spec.services * 200 + spec.pods * 330);
     for i in 0..spec.services {
         let name = service_name(i);
+        let port = service_port(i);
         let _ = write!(
             out,
             "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {NAMESPACE}\n\
-             spec:\n  selector: {{app: {name}}}\n  ports:\n  - {{name: http, port: {PORT}, targetPort: http}}\n"
+             spec:\n  selector: {{app: {name}}}\n  ports:\n  - {{name: http, port: {port}, targetPort: http}}\n"
         );
     }
     for j in 0..spec.pods {
@@ -140,7 +150,7 @@ mod tests {
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(mesh.services.len(), 3);
         assert_eq!(mesh.workloads.len(), 8, "7 pods and the churned one");
-        let eps = mesh.endpoints(&ObjectKey::new(NAMESPACE, "svc-0"), PORT);
+        let eps = mesh.endpoints(&ObjectKey::new(NAMESPACE, "svc-0"), service_port(0));
         assert_eq!(eps.len(), 4, "pods 0, 3, 6 and churn-0");
         assert_eq!(pod_ip(0).to_string(), "10.0.0.1");
     }

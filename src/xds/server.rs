@@ -255,6 +255,8 @@ struct Session<'a> {
     /// What the proxy should have now; the last good one when a new
     /// snapshot is inconsistent.
     current: ProxySnapshot,
+    /// Mesh generation of `current`.
+    generation: u64,
     _guard: StreamGuard<'a>,
 }
 
@@ -273,6 +275,7 @@ impl<'a> Session<'a> {
         proven: Option<Proven>,
         peer: String,
         node: Option<&Node>,
+        protocol: &'static str,
     ) -> Result<Session<'a>, Status> {
         let node_id = node.map(|n| n.id.as_str()).unwrap_or_default();
         let pod = names::parse_node_id(node_id).ok_or_else(|| {
@@ -321,6 +324,8 @@ impl<'a> Session<'a> {
             authenticated,
             peer,
             connected_at: unix_now(),
+            protocol,
+            generation: 0,
             types: Default::default(),
         });
         ctx.metrics.connected_proxies.inc();
@@ -338,6 +343,7 @@ impl<'a> Session<'a> {
             snapshots,
             certs,
             current: ProxySnapshot::default(),
+            generation: 0,
             _guard: guard,
         };
         session.rebuild();
@@ -349,6 +355,7 @@ impl<'a> Session<'a> {
     fn rebuild(&mut self) {
         let view = self.snapshots.borrow_and_update().clone();
         let cert = self.certs.borrow_and_update().clone();
+        self.generation = view.generation;
         match self.builder.build(&view, &cert) {
             Ok(s) => self.current = s,
             Err(e) => {
@@ -376,6 +383,13 @@ impl<'a> Session<'a> {
             Ok(()) = self.snapshots.changed() => Wake::Changed,
             Ok(()) = self.certs.changed() => Wake::Changed,
         }
+    }
+
+    /// Everything for the current generation has been sent.
+    fn synced(&self) {
+        self.ctx
+            .registry
+            .set_generation(self.stream, self.generation);
     }
 
     /// Count and record a response about to be sent.
@@ -416,7 +430,7 @@ async fn run_stream(
     let Some(first) = first_request(&mut inbound).await? else {
         return Ok(());
     };
-    let mut session = Session::open(ctx, proven, peer, first.node.as_ref())?;
+    let mut session = Session::open(ctx, proven, peer, first.node.as_ref(), "ads")?;
     let mut sotw = SotwStream::new();
     let mut pending = Some(first);
     loop {
@@ -442,6 +456,7 @@ async fn run_stream(
                 return Ok(());
             }
         }
+        session.synced();
     }
 }
 
@@ -456,7 +471,7 @@ async fn run_delta_stream(
     let Some(first) = first_request(&mut inbound).await? else {
         return Ok(());
     };
-    let mut session = Session::open(ctx, proven, peer, first.node.as_ref())?;
+    let mut session = Session::open(ctx, proven, peer, first.node.as_ref(), "delta")?;
     let mut delta = DeltaStream::new();
     let mut pending = Some(first);
     loop {
@@ -482,6 +497,7 @@ async fn run_delta_stream(
                 return Ok(());
             }
         }
+        session.synced();
     }
 }
 

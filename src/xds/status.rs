@@ -48,6 +48,11 @@ pub struct ProxyStatus {
     pub peer: String,
     /// Seconds since the Unix epoch.
     pub connected_at: u64,
+    /// `ads` (state of the world) or `delta`.
+    pub protocol: &'static str,
+    /// The last mesh generation this stream evaluated (and pushed, if it
+    /// changed anything for the proxy).
+    pub generation: u64,
     /// By short type name (`cds`, `eds`, `lds`, `rds`, `sds`).
     pub types: BTreeMap<&'static str, TypeStatus>,
 }
@@ -87,6 +92,13 @@ impl ProxyRegistry {
     pub fn update(&self, stream: u64, short_type: &'static str, f: impl FnOnce(&mut TypeStatus)) {
         if let Some(mut s) = self.streams.get_mut(&stream) {
             f(s.types.entry(short_type).or_default());
+        }
+    }
+
+    /// Record the mesh generation a stream has evaluated.
+    pub fn set_generation(&self, stream: u64, generation: u64) {
+        if let Some(mut s) = self.streams.get_mut(&stream) {
+            s.generation = generation;
         }
     }
 
