@@ -152,9 +152,9 @@ impl Sampled {
 
 impl prometheus_client::collector::Collector for Sampled {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
-        let name = format!("ward_{}", self.name);
+        // The registry adds the `ward_` prefix.
         let value = (self.read)();
-        let metric = encoder.encode_descriptor(&name, self.help, None, self.kind)?;
+        let metric = encoder.encode_descriptor(self.name, self.help, None, self.kind)?;
         match self.kind {
             MetricType::Counter => ConstCounter::new(value).encode(metric),
             _ => ConstGauge::new(value).encode(metric),

@@ -818,6 +818,50 @@ mod tests {
         assert_eq!(p5.len(type_url::SECRET), 2);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn debounce_coalesces_changes_and_zero_publishes_each() {
+        use crate::model::Service;
+        let mesh_with = |n: usize| {
+            let mut m = Mesh::default();
+            for i in 0..n {
+                let key = ObjectKey::new("d", format!("s{i}"));
+                m.services.insert(
+                    key.clone(),
+                    Service {
+                        key,
+                        ports: vec![],
+                        selector: Default::default(),
+                    },
+                );
+            }
+            Arc::new(m)
+        };
+        for (debounce, expected) in [(Duration::from_millis(50), 2), (Duration::ZERO, 4)] {
+            let (tx, rx) = watch::channel(mesh_with(0));
+            let (cache, mut snaps) = MeshCache::new(rx, "cluster.local");
+            let shutdown = CancellationToken::new();
+            let task = tokio::spawn(cache.with_debounce(debounce).run(shutdown.clone()));
+            let mut published = 1;
+            for n in 1..=3 {
+                tx.send_replace(mesh_with(n));
+                // Let the cache run; with zero debounce each change goes out.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                if snaps.has_changed().unwrap() {
+                    snaps.borrow_and_update();
+                    published += 1;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if snaps.has_changed().unwrap() {
+                published += 1;
+            }
+            assert_eq!(published, expected, "debounce {debounce:?}");
+            assert_eq!(snaps.borrow().mesh.services.len(), 3);
+            shutdown.cancel();
+            task.await.unwrap();
+        }
+    }
+
     #[test]
     fn equal_layers_and_name_sets_are_interned() {
         let a = intern_layer(Layer::new(map(&[("p", "1"), ("q", "1")])));

@@ -213,18 +213,26 @@ impl SotwStream {
         }
         state.force = false;
 
-        // A changed or new cluster re-warms and needs its endpoints again.
+        // A changed or new EDS cluster re-warms and needs its endpoints
+        // again (EDS names are the clusters' names).
         if ty == type_url::CLUSTER {
-            let changed = match &state.sent_layers {
-                None => !selected.is_empty(),
+            let upserted: Vec<String> = match &state.sent_layers {
+                None => selected.iter().map(|r| r.name.clone()).collect(),
                 Some(old) => layers
                     .iter()
                     .zip(old)
-                    .any(|(new, old)| !new.changes_since(old).0.is_empty()),
+                    .flat_map(|(new, old)| new.changes_since(old).0)
+                    .map(|r| r.name.clone())
+                    .collect(),
             };
             state.sent_layers = Some(layers);
-            if changed && let Some(eds) = self.types.get_mut(type_url::ENDPOINT) {
-                eds.force = eds.subscribed;
+            if let Some(eds) = self.types.get_mut(type_url::ENDPOINT)
+                && eds.subscribed
+                && upserted
+                    .iter()
+                    .any(|n| eds.names.as_ref().is_none_or(|s| s.contains(n)))
+            {
+                eds.force = true;
             }
         }
 
