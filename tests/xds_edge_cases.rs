@@ -381,7 +381,7 @@ async fn metric(w: &Ward, name: &str) -> f64 {
 /// Connect, get clusters (SotW or delta), disconnect.
 async fn cycle(w: &Ward, creds: &[(String, String)], i: usize) {
     let j = i % creds.len();
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         let mut a = Ads::connect(w, Some(creds[j].clone()), &node(j))
             .await
             .expect("connects");
