@@ -430,6 +430,18 @@ fn same_translation_inputs(old: &Mesh, new: &Mesh) -> bool {
     *services == old.services
 }
 
+/// Two consecutive snapshots as [`MeshCache`] would publish them (benchmarks
+/// and load tools that drive the cache without a watch channel).
+pub fn bench_snapshots(
+    first: Arc<Mesh>,
+    second: Arc<Mesh>,
+    trust_domain: &str,
+) -> (MeshSnapshot, MeshSnapshot) {
+    let a = MeshSnapshot::build(first, trust_domain, None);
+    let b = MeshSnapshot::build(second, trust_domain, Some(&a));
+    (a, b)
+}
+
 /// The single writer of [`MeshSnapshot`]s.
 pub struct MeshCache {
     trust_domain: String,
