@@ -17,7 +17,7 @@ use crate::discovery::{DirSource, KubeSource, MeshNamespaces};
 use crate::ha::{LeaderConfig, LeaderElector, PolicyEvents, TrustBundlePublisher};
 use crate::metrics::{Metrics, Sampled};
 use crate::policy::{PolicyController, RolloutConfig};
-use crate::xds::{self, MeshCache, ProxyRegistry, XdsContext, XdsTls};
+use crate::xds::{self, MeshCache, ProxyRegistry, TaskCounter, XdsContext, XdsTls};
 
 /// Lifetime of Ward's own xDS serving certificate.
 const XDS_SERVER_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -39,6 +39,9 @@ pub struct ServeConfig {
     pub ca_files: Option<(PathBuf, PathBuf, Option<PathBuf>)>,
     /// Extra DNS names on the xDS serving certificate.
     pub xds_server_names: Vec<String>,
+    /// Quiet time after a mesh change before pushing (`--debounce`); zero
+    /// pushes every change at once.
+    pub push_debounce: Duration,
     /// Rotate the mesh root automatically once it is this old.
     pub root_rotation_interval: Option<Duration>,
     /// mTLS policy rollout: how long one step waits for ACKs before it
@@ -106,6 +109,10 @@ pub struct Running {
     /// The xDS serving certificate and key (none with `--insecure-xds`);
     /// the credential endpoint serves TLS with it too.
     xds_server_cert: Option<(String, String)>,
+    /// Live xDS stream tasks (leak tests, load benchmarks).
+    pub stream_tasks: Arc<TaskCounter>,
+    /// The certificate manager (rotation benchmarks, leak tests).
+    pub certs: CertManager,
     tasks: TaskTracker,
 }
 
@@ -322,6 +329,22 @@ async fn start_with(cfg: ServeConfig, kube: Option<KubeServe>) -> anyhow::Result
             move || p.borrow().errors.len() as f64,
         ));
     }
+    let mesh_cache = mesh_cache.with_debounce(cfg.push_debounce);
+    let stream_tasks = Arc::new(TaskCounter::default());
+    {
+        let t = stream_tasks.clone();
+        metrics.register_sampled(Sampled::gauge(
+            "xds_stream_tasks",
+            "Live xDS stream tasks (SotW and delta)",
+            move || t.get() as f64,
+        ));
+        let c = certs.clone();
+        metrics.register_sampled(Sampled::gauge(
+            "cert_subscriptions",
+            "Streams subscribed to a workload certificate",
+            move || c.status().iter().map(|s| s.subscribers).sum::<usize>() as f64,
+        ));
+    }
 
     let xds_listener = TcpListener::bind(cfg.xds_addr)
         .await
@@ -365,6 +388,7 @@ async fn start_with(cfg: ServeConfig, kube: Option<KubeServe>) -> anyhow::Result
         metrics: metrics.clone(),
         insecure: cfg.insecure_xds,
         shutdown: shutdown.clone(),
+        stream_tasks: stream_tasks.clone(),
     });
     let admin_state = AdminState {
         registry: registry.clone(),
@@ -463,6 +487,8 @@ async fn start_with(cfg: ServeConfig, kube: Option<KubeServe>) -> anyhow::Result
         mesh: discovered,
         trust_domain: cfg.trust_domain.clone(),
         xds_server_cert,
+        stream_tasks,
+        certs,
         tasks,
     })
 }

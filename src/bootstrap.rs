@@ -61,6 +61,8 @@ pub struct BootstrapOptions {
     pub insecure: bool,
     /// Lifetime of the ADS client credential.
     pub credential_ttl: Duration,
+    /// Incremental xDS (`api_type: DELTA_GRPC`) instead of state of the world.
+    pub delta: bool,
 }
 
 /// Paths of what [`write`] produced.
@@ -254,6 +256,10 @@ pub fn write_with(
     let body = TEMPLATE
         .replace("${NODE_ID}", &names::node_id(&opts.pod))
         .replace("${NODE_CLUSTER}", cluster)
+        .replace(
+            "${API_TYPE}",
+            if opts.delta { "DELTA_GRPC" } else { "GRPC" },
+        )
         .replace("${ADMIN_IP}", &admin.ip().to_string())
         .replace("${ADMIN_PORT}", &admin.port().to_string())
         .replace("${XDS_CLUSTER_TYPE}", cluster_type(&xds_addrs))
@@ -321,6 +327,7 @@ status: {podIP: 127.0.0.20}
             trust_domain: "cluster.local".into(),
             insecure,
             credential_ttl: Duration::from_secs(3600),
+            delta: false,
         };
         let out = tmp.path().join("out");
         let files = write(&opts, &mesh, Some(&ca), &out)?;

@@ -100,6 +100,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         },
         upstreams: BTreeMap::from([(client, CLIENT_OUTBOUND_TO_SERVER.to_string())]),
         ca_files: None,
+        delta: false,
     };
     let mut mesh = LocalMesh::start(config).await?;
     println!(

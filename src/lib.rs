@@ -29,6 +29,7 @@
 //!   endpoint for `ward sidecar-init`, and that client.
 //! - [`admin`]: HTTP health, readiness, metrics and debug endpoints.
 //! - [`app`]: wiring: spawns every task and shuts them down together.
+//! - [`meshgen`]: generated meshes for load tests and benchmarks.
 
 pub mod admin;
 pub mod app;
@@ -39,6 +40,7 @@ pub mod demo;
 pub mod discovery;
 pub mod ha;
 pub mod local;
+pub mod meshgen;
 pub mod metrics;
 pub mod model;
 pub mod policy;

@@ -83,6 +83,8 @@ pub struct LocalMeshConfig {
     pub upstreams: BTreeMap<ObjectKey, String>,
     /// Plugged-in CA (certificate, key, chain) instead of a generated root.
     pub ca_files: Option<(PathBuf, PathBuf, Option<PathBuf>)>,
+    /// Sidecars use incremental (delta) xDS instead of state of the world.
+    pub delta: bool,
 }
 
 /// One Envoy sidecar process.
@@ -161,6 +163,7 @@ impl LocalMesh {
             xds_server_names: vec![],
             root_rotation_interval: None,
             policy_step_timeout: Duration::from_secs(30),
+            push_debounce: Duration::ZERO,
         }
     }
 
@@ -209,6 +212,7 @@ impl LocalMesh {
             trust_domain: self.config.trust_domain.clone(),
             insecure: false,
             credential_ttl: Duration::from_secs(24 * 3600),
+            delta: self.config.delta,
         };
         let files = bootstrap::write(&opts, &self.mesh, Some(&self.ward.xds_ca), &out)?;
         let log = out.join("envoy.log");

@@ -111,6 +111,11 @@ struct ServeArgs {
     /// to ACK before proceeding anyway (with a warning).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     policy_step_timeout: Duration,
+    /// Quiet time after a mesh change before pushing to sidecars; changes
+    /// within it go out as one push. 0 (the default) pushes at once: the
+    /// directory watcher already coalesces file events.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    debounce: Duration,
     /// Seconds to let streams finish on shutdown.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     shutdown_deadline: Duration,
@@ -171,6 +176,9 @@ struct BootstrapArgs {
     /// Lifetime of the xDS client credential.
     #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
     credential_ttl: Duration,
+    /// Use incremental (delta) xDS: `api_type: DELTA_GRPC` in the bootstrap.
+    #[arg(long)]
+    delta: bool,
 }
 
 #[derive(Args)]
@@ -347,6 +355,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         xds_server_names: a.xds_server_names,
         root_rotation_interval: a.root_rotation_interval,
         policy_step_timeout: a.policy_step_timeout,
+        push_debounce: a.debounce,
     };
     let running = if a.kube.kubernetes {
         let client = kube::Client::try_default()
@@ -413,6 +422,7 @@ fn bootstrap(a: BootstrapArgs) -> anyhow::Result<()> {
         trust_domain: a.common.trust_domain,
         insecure: a.common.insecure_xds,
         credential_ttl: a.credential_ttl,
+        delta: a.delta,
     };
     let files = ward::bootstrap::write(&opts, &mesh, authority.as_ref(), &a.out)?;
     println!("wrote {}", files.bootstrap.display());
@@ -449,6 +459,7 @@ async fn sidecar_init(a: SidecarInitArgs) -> anyhow::Result<()> {
         trust_domain: a.trust_domain,
         insecure: false,
         credential_ttl: Duration::ZERO,
+        delta: false,
     };
     let cred = ward::bootstrap::XdsCredential {
         cert_pem: resp.cert_pem,

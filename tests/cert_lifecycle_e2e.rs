@@ -78,6 +78,7 @@ fn config(
             format!("http://{pods}.10:9080/"),
         )]),
         ca_files: None,
+        delta: false,
     }
 }
 

@@ -87,6 +87,7 @@ async fn start_mesh(dir: &std::path::Path) -> LocalMesh {
             "http://127.0.2.10:9080/".to_string(),
         )]),
         ca_files: None,
+        delta: false,
     };
     let mut mesh = LocalMesh::start(config).await.expect("mesh starts");
     mesh.wait_converged(Duration::from_secs(30))

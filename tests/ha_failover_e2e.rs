@@ -83,6 +83,7 @@ fn serve_config(config_dir: &Path, state_dir: &Path) -> ServeConfig {
         ca_files: None,
         xds_server_names: vec![],
         root_rotation_interval: None,
+        push_debounce: std::time::Duration::ZERO,
         policy_step_timeout: Duration::from_secs(30),
     }
 }
@@ -197,6 +198,7 @@ async fn sidecars_fail_over_to_another_replica_without_failed_requests() {
             trust_domain: TD.into(),
             insecure: false,
             credential_ttl: Duration::from_secs(3600),
+            delta: false,
         };
         let xds_ca = &replicas[0].as_ref().unwrap().xds_ca;
         let files = bootstrap::write(&opts, &mesh, Some(xds_ca), &out).unwrap();

@@ -61,6 +61,7 @@ async fn start_ward(fake: &FakeKube, tmp: &std::path::Path) -> (Running, SocketA
         ca_files: None,
         xds_server_names: vec![],
         root_rotation_interval: None,
+        push_debounce: std::time::Duration::ZERO,
         policy_step_timeout: Duration::from_secs(30),
     };
     let k = KubeServe {

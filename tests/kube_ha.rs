@@ -393,6 +393,7 @@ async fn replica(fake: &FakeKube, identity: &str, tmp: &std::path::Path) -> app:
         ca_files: None,
         xds_server_names: vec![],
         root_rotation_interval: None,
+        push_debounce: std::time::Duration::ZERO,
         policy_step_timeout: std::time::Duration::from_secs(30),
     };
     let k = KubeServe {

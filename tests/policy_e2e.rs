@@ -158,6 +158,7 @@ async fn start_mesh(dir: &Path, yaml: &str, policy: &str, client: u8) -> LocalMe
             format!("http://127.0.4.{client}:9080/"),
         )]),
         ca_files: None,
+        delta: false,
     };
     let mut mesh = LocalMesh::start(config).await.expect("mesh starts");
     mesh.wait_converged(Duration::from_secs(60))

@@ -622,6 +622,8 @@ mod tests {
             connected_at: 0,
             types: [("lds", t.clone()), ("cds", t)].into(),
             cert: None,
+            protocol: "ads",
+            generation: 0,
         });
         stream
     }

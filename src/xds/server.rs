@@ -1,12 +1,17 @@
 //! The ADS gRPC server: authenticates each connection, then runs one task
-//! per stream that drives the [`SotwStream`] state machine from three
-//! inputs — requests, mesh snapshots and the proxy's certificate.
+//! per stream that drives the [`SotwStream`] or [`DeltaStream`] state
+//! machine from three inputs — requests, mesh snapshots and the proxy's
+//! certificate. Both protocols share a [`Session`]: authorization of the
+//! node, the registry entry, the certificate subscription and the proxy's
+//! snapshot.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
@@ -21,13 +26,14 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::cache::{MeshSnapshot, proxy_snapshot};
+use super::cache::{MeshSnapshot, ProxyBuilder, ProxySnapshot};
+use super::delta::DeltaStream;
 use super::sotw::{RequestKind, SotwStream};
 use super::status::{AckedCert, NackStatus, ProxyRegistry, ProxyStatus, unix_now};
 use crate::ca::{CertManager, WorkloadCert, xds_client_identity};
 use crate::metrics::{Metrics, ReasonLabels, TypeLabels};
 use crate::model::{ObjectKey, SpiffeId};
-use crate::translate::{ProxyResources, names, type_url};
+use crate::translate::{names, type_url};
 
 #[derive(Debug, thiserror::Error)]
 pub enum XdsError {
@@ -53,6 +59,8 @@ pub struct XdsContext {
     pub insecure: bool,
     /// Ends every stream on shutdown.
     pub shutdown: CancellationToken,
+    /// Live stream tasks (for the admin metrics and leak tests).
+    pub stream_tasks: Arc<TaskCounter>,
 }
 
 /// The server's TLS material: its own cert and key, and the CA bundle
@@ -127,8 +135,10 @@ impl AggregatedDiscoveryService for AdsService {
         let (tx, rx) = mpsc::channel(16);
         let ctx = self.ctx.clone();
         let inbound = request.into_inner();
+        let count = ctx.stream_tasks.enter();
         // One task per stream; it ends with the stream or on shutdown.
         tokio::spawn(async move {
+            let _count = count;
             if let Err(status) = run_stream(&ctx, proven, peer.clone(), inbound, &tx).await {
                 tracing::warn!(peer = %peer, "xDS stream refused: {}", status.message());
                 let _ = tx.send(Err(status)).await;
@@ -139,11 +149,29 @@ impl AggregatedDiscoveryService for AdsService {
 
     async fn delta_aggregated_resources(
         &self,
-        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        Err(Status::unimplemented(
-            "delta xDS is not served yet; configure the sidecar with api_type GRPC (SotW)",
-        ))
+        let peer = request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "unknown".into());
+        let proven = if self.ctx.insecure {
+            None
+        } else {
+            Some(self.authenticate(&request, &peer)?)
+        };
+        let (tx, rx) = mpsc::channel(16);
+        let ctx = self.ctx.clone();
+        let inbound = request.into_inner();
+        let count = ctx.stream_tasks.enter();
+        tokio::spawn(async move {
+            let _count = count;
+            if let Err(status) = run_delta_stream(&ctx, proven, peer.clone(), inbound, &tx).await {
+                tracing::warn!(peer = %peer, "delta xDS stream refused: {}", status.message());
+                let _ = tx.send(Err(status)).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
 
@@ -189,6 +217,247 @@ impl Drop for StreamGuard<'_> {
     }
 }
 
+/// Live stream tasks (SotW and delta). Kept by the tasks themselves so a
+/// leak test can see that closed streams leave nothing running.
+#[derive(Debug, Default)]
+pub struct TaskCounter(AtomicUsize);
+
+impl TaskCounter {
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn enter(self: &Arc<Self>) -> TaskCount {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        TaskCount(self.clone())
+    }
+}
+
+/// Held by a stream task for its whole life.
+struct TaskCount(Arc<TaskCounter>);
+
+impl Drop for TaskCount {
+    fn drop(&mut self) {
+        self.0.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What both protocols share for one stream: the proven identity, the
+/// registry entry, the certificate subscription, and the proxy's current
+/// resources (rebuilt from mesh snapshots and certificates).
+struct Session<'a> {
+    ctx: &'a XdsContext,
+    pod: ObjectKey,
+    stream: u64,
+    snapshots: watch::Receiver<Arc<MeshSnapshot>>,
+    certs: watch::Receiver<Arc<WorkloadCert>>,
+    builder: ProxyBuilder,
+    /// What the proxy should have now; the last good one when a new
+    /// snapshot is inconsistent.
+    current: ProxySnapshot,
+    /// Mesh generation of `current`.
+    generation: u64,
+    /// The certificate `current` was built with.
+    current_cert: Arc<WorkloadCert>,
+    /// Which certificate each recent SDS response carried, so an ACK tells
+    /// which certificate and trust bundle Envoy now serves.
+    sent_certs: SentCerts,
+    _guard: StreamGuard<'a>,
+}
+
+/// Why a stream's select loop woke up.
+enum Wake<R> {
+    Request(R),
+    Changed,
+    Closed,
+}
+
+impl<'a> Session<'a> {
+    /// Authorize `node` against what the connection proved, register the
+    /// stream, subscribe to the certificate and build the first snapshot.
+    fn open(
+        ctx: &'a XdsContext,
+        proven: Option<Proven>,
+        peer: String,
+        node: Option<&Node>,
+        protocol: &'static str,
+    ) -> Result<Session<'a>, Status> {
+        let node_id = node.map(|n| n.id.as_str()).unwrap_or_default();
+        let pod = names::parse_node_id(node_id).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "node.id {node_id:?} is not NAMESPACE/NAME of a pod (use `ward bootstrap`)"
+            ))
+        })?;
+        let mut snapshots = ctx.snapshots.clone();
+        let (id, authenticated) = match &proven {
+            Some(p) if p.pod != pod => {
+                ctx.metrics
+                    .xds_auth_failures
+                    .get_or_create(&ReasonLabels {
+                        reason: "node_id_mismatch",
+                    })
+                    .inc();
+                return Err(Status::permission_denied(format!(
+                    "credential is for pod {} but node.id claims {pod}; no configuration or secrets are served",
+                    p.pod
+                )));
+            }
+            Some(p) => (p.id.clone(), true),
+            None => {
+                let view = snapshots.borrow_and_update().clone();
+                let w = view.mesh.workloads.get(&pod).ok_or_else(|| {
+                    Status::unavailable(format!("pod {pod} is not known (yet); retry later"))
+                })?;
+                (w.spiffe_id(&ctx.trust_domain), false)
+            }
+        };
+        if let Some(w) = snapshots.borrow().mesh.workloads.get(&pod)
+            && w.service_account != id.service_account
+        {
+            tracing::warn!(pod = %pod, "pod now runs as service account {:?} but its credential proves {id}; serving {id}", w.service_account);
+        }
+        let certs = ctx
+            .certs
+            .subscribe(&pod, &id)
+            .map_err(|e| Status::unavailable(format!("certificate for {id}: {e}")))?;
+
+        let stream = ctx.registry.next_stream_id();
+        ctx.registry.insert(ProxyStatus {
+            stream,
+            pod: pod.to_string(),
+            identity: id.uri(),
+            authenticated,
+            peer,
+            connected_at: unix_now(),
+            protocol,
+            generation: 0,
+            types: Default::default(),
+            cert: None,
+        });
+        ctx.metrics.connected_proxies.inc();
+        let guard = StreamGuard {
+            ctx,
+            stream,
+            pod: pod.clone(),
+        };
+        tracing::info!(pod = %pod, identity = %id, stream, "proxy connected");
+        let current_cert = certs.borrow().clone();
+        let mut session = Session {
+            ctx,
+            builder: ProxyBuilder::new(pod.clone(), ctx.trust_domain.clone()),
+            pod,
+            stream,
+            snapshots,
+            certs,
+            current: ProxySnapshot::default(),
+            generation: 0,
+            current_cert,
+            sent_certs: SentCerts::default(),
+            _guard: guard,
+        };
+        session.rebuild();
+        Ok(session)
+    }
+
+    /// Rebuild from the latest snapshot and certificate; an inconsistent
+    /// snapshot is withheld and the last good one stays in force.
+    fn rebuild(&mut self) {
+        let view = self.snapshots.borrow_and_update().clone();
+        let cert = self.certs.borrow_and_update().clone();
+        self.generation = view.generation;
+        match self.builder.build(&view, &cert) {
+            Ok(s) => {
+                self.current = s;
+                self.current_cert = cert;
+            }
+            Err(e) => {
+                self.ctx.metrics.inconsistent_snapshots.inc();
+                tracing::error!(pod = %self.pod, "snapshot withheld, last one stays in force: {e}");
+            }
+        }
+    }
+
+    /// Wait for the next request, snapshot or certificate change, or the end.
+    async fn next<R>(
+        &mut self,
+        inbound: &mut (impl Stream<Item = Result<R, Status>> + Unpin),
+    ) -> Wake<R> {
+        tokio::select! {
+            _ = self.ctx.shutdown.cancelled() => Wake::Closed,
+            msg = inbound.next() => match msg {
+                Some(Ok(r)) => Wake::Request(r),
+                Some(Err(e)) => {
+                    tracing::debug!(pod = %self.pod, "stream ended: {e}");
+                    Wake::Closed
+                }
+                None => Wake::Closed,
+            },
+            Ok(()) = self.snapshots.changed() => Wake::Changed,
+            Ok(()) = self.certs.changed() => Wake::Changed,
+        }
+    }
+
+    /// Everything for the current generation has been sent.
+    fn synced(&self) {
+        self.ctx
+            .registry
+            .set_generation(self.stream, self.generation);
+    }
+
+    /// After a rebuild: `sent` are the types just pushed; the others are
+    /// current for this generation too (the policy rollout waits on it).
+    fn observe_generation(&self, responses: &[&str]) {
+        let sent: Vec<&'static str> = responses.iter().map(|t| type_url::short(t)).collect();
+        self.ctx
+            .registry
+            .observe_generation(self.stream, self.generation, &sent);
+    }
+
+    /// A request was handled: record what it meant; an SDS ACK tells which
+    /// certificate Envoy serves now.
+    fn record_request(&self, type_url: &str, kind: &RequestKind) {
+        record_request(self.ctx, self.stream, &self.pod, type_url, kind);
+        if let (RequestKind::Ack { version }, type_url::SECRET) = (kind, type_url)
+            && let Some(cert) = self.sent_certs.acked(version)
+        {
+            self.ctx
+                .registry
+                .set_cert(self.stream, AckedCert::new(&cert));
+        }
+    }
+
+    /// Count and record a response about to be sent.
+    fn record_push(&mut self, type_url: &str, version: &str) {
+        if type_url == type_url::SECRET {
+            self.sent_certs.sent(version, &self.current_cert);
+        }
+        let generation = self.generation;
+        let short = type_url::short(type_url);
+        self.ctx
+            .metrics
+            .pushes
+            .get_or_create(&TypeLabels { r#type: short })
+            .inc();
+        let version = version.to_string();
+        self.ctx.registry.update(self.stream, short, |t| {
+            t.sent_version = Some(version);
+            t.sent_generation = Some(generation);
+            t.pushes += 1;
+        });
+    }
+}
+
+/// Read the first request of a stream: it carries the node.
+async fn first_request<R>(
+    inbound: &mut (impl Stream<Item = Result<R, Status>> + Unpin),
+) -> Result<Option<R>, Status> {
+    match inbound.next().await {
+        Some(Ok(req)) => Ok(Some(req)),
+        Some(Err(e)) => Err(Status::cancelled(format!("stream error: {e}"))),
+        None => Ok(None),
+    }
+}
+
 async fn run_stream(
     ctx: &XdsContext,
     proven: Option<Proven>,
@@ -197,161 +466,83 @@ async fn run_stream(
     tx: &mpsc::Sender<Result<DiscoveryResponse, Status>>,
 ) -> Result<(), Status> {
     let mut inbound = inbound.fuse();
-    let first = match inbound.next().await {
-        Some(Ok(req)) => req,
-        Some(Err(e)) => return Err(Status::cancelled(format!("stream error: {e}"))),
-        None => return Ok(()),
+    let Some(first) = first_request(&mut inbound).await? else {
+        return Ok(());
     };
-    let node_id = first
-        .node
-        .as_ref()
-        .map(|n| n.id.as_str())
-        .unwrap_or_default();
-    let pod = names::parse_node_id(node_id).ok_or_else(|| {
-        Status::invalid_argument(format!(
-            "node.id {node_id:?} is not NAMESPACE/NAME of a pod (use `ward bootstrap`)"
-        ))
-    })?;
-    let mut snapshots = ctx.snapshots.clone();
-    let (id, authenticated) = match &proven {
-        Some(p) if p.pod != pod => {
-            ctx.metrics
-                .xds_auth_failures
-                .get_or_create(&ReasonLabels {
-                    reason: "node_id_mismatch",
-                })
-                .inc();
-            return Err(Status::permission_denied(format!(
-                "credential is for pod {} but node.id claims {pod}; no configuration or secrets are served",
-                p.pod
-            )));
-        }
-        Some(p) => (p.id.clone(), true),
-        None => {
-            let view = snapshots.borrow_and_update().clone();
-            let w = view.mesh.workloads.get(&pod).ok_or_else(|| {
-                Status::unavailable(format!("pod {pod} is not known (yet); retry later"))
-            })?;
-            (w.spiffe_id(&ctx.trust_domain), false)
-        }
-    };
-    if let Some(w) = snapshots.borrow().mesh.workloads.get(&pod)
-        && w.service_account != id.service_account
-    {
-        tracing::warn!(pod = %pod, "pod now runs as service account {:?} but its credential proves {id}; serving {id}", w.service_account);
-    }
-    let mut certs = ctx
-        .certs
-        .subscribe(&pod, &id)
-        .map_err(|e| Status::unavailable(format!("certificate for {id}: {e}")))?;
-
-    let stream = ctx.registry.next_stream_id();
-    ctx.registry.insert(ProxyStatus {
-        stream,
-        pod: pod.to_string(),
-        identity: id.uri(),
-        authenticated,
-        peer,
-        connected_at: unix_now(),
-        types: Default::default(),
-        cert: None,
-    });
-    ctx.metrics.connected_proxies.inc();
-    let _guard = StreamGuard {
-        ctx,
-        stream,
-        pod: pod.clone(),
-    };
-    tracing::info!(pod = %pod, identity = %id, stream, "proxy connected");
-
-    // Also returns the snapshot generation the resources were built from
-    // (status records it per ACK; the policy rollout waits on it).
-    let build = |snapshots: &mut watch::Receiver<Arc<MeshSnapshot>>,
-                 certs: &mut watch::Receiver<Arc<WorkloadCert>>|
-     -> Option<(ProxyResources, u64)> {
-        let view = snapshots.borrow_and_update().clone();
-        let cert = certs.borrow_and_update().clone();
-        match proxy_snapshot(&view, &ctx.trust_domain, &pod, &cert) {
-            Ok(r) => Some((r, view.generation)),
-            Err(e) => {
-                ctx.metrics.inconsistent_snapshots.inc();
-                tracing::error!(pod = %pod, "snapshot withheld, last one stays in force: {e}");
-                None
-            }
-        }
-    };
-    let (mut current, mut generation) = build(&mut snapshots, &mut certs).unwrap_or_default();
-    let mut current_cert = certs.borrow().clone();
-    // Which certificate each recent SDS response carried, so an ACK tells
-    // which certificate and trust bundle Envoy now serves.
-    let mut sent_certs = SentCerts::default();
+    let mut session = Session::open(ctx, proven, peer, first.node.as_ref(), "ads")?;
     let mut sotw = SotwStream::new();
-
     let mut pending = Some(first);
     loop {
-        let req = match pending.take() {
-            Some(r) => Some(r),
-            None => tokio::select! {
-                _ = ctx.shutdown.cancelled() => return Ok(()),
-                msg = inbound.next() => match msg {
-                    Some(Ok(r)) => Some(r),
-                    Some(Err(e)) => {
-                        tracing::debug!(pod = %pod, "stream ended: {e}");
-                        return Ok(());
-                    }
-                    None => return Ok(()),
-                },
-                Ok(()) = snapshots.changed() => None,
-                Ok(()) = certs.changed() => None,
-            },
+        let wake = match pending.take() {
+            Some(r) => Wake::Request(r),
+            None => session.next(&mut inbound).await,
         };
-        let responses = match req {
-            Some(req) => {
-                let (kind, resp) = sotw.on_request(&req, &current);
-                record_request(ctx, stream, &pod, &req.type_url, &kind);
-                if let (RequestKind::Ack { version }, type_url::SECRET) =
-                    (&kind, req.type_url.as_str())
-                    && let Some(cert) = sent_certs.acked(version)
-                {
-                    ctx.registry.set_cert(stream, AckedCert::new(&cert));
-                }
+        let responses = match wake {
+            Wake::Closed => return Ok(()),
+            Wake::Request(req) => {
+                let (kind, resp) = sotw.on_request(&req, &session.current);
+                session.record_request(&req.type_url, &kind);
                 resp.into_iter().collect()
             }
-            None => {
-                let cert = certs.borrow().clone();
-                if let Some((next, g)) = build(&mut snapshots, &mut certs) {
-                    current = next;
-                    generation = g;
-                    current_cert = cert;
-                }
-                let responses = sotw.on_snapshot(&current);
-                let sent: Vec<&'static str> = responses
-                    .iter()
-                    .map(|r| type_url::short(&r.type_url))
-                    .collect();
-                ctx.registry.observe_generation(stream, generation, &sent);
+            Wake::Changed => {
+                session.rebuild();
+                let responses = sotw.on_snapshot(&session.current);
+                let types: Vec<&str> = responses.iter().map(|r| r.type_url.as_str()).collect();
+                session.observe_generation(&types);
                 responses
             }
         };
         for resp in responses {
-            let short = type_url::short(&resp.type_url);
-            ctx.metrics
-                .pushes
-                .get_or_create(&TypeLabels { r#type: short })
-                .inc();
-            let version = resp.version_info.clone();
-            if resp.type_url == type_url::SECRET {
-                sent_certs.sent(&version, &current_cert);
-            }
-            ctx.registry.update(stream, short, |t| {
-                t.sent_version = Some(version);
-                t.sent_generation = Some(generation);
-                t.pushes += 1;
-            });
+            session.record_push(&resp.type_url, &resp.version_info);
             if tx.send(Ok(resp)).await.is_err() {
                 return Ok(());
             }
         }
+        session.synced();
+    }
+}
+
+async fn run_delta_stream(
+    ctx: &XdsContext,
+    proven: Option<Proven>,
+    peer: String,
+    inbound: Streaming<DeltaDiscoveryRequest>,
+    tx: &mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+) -> Result<(), Status> {
+    let mut inbound = inbound.fuse();
+    let Some(first) = first_request(&mut inbound).await? else {
+        return Ok(());
+    };
+    let mut session = Session::open(ctx, proven, peer, first.node.as_ref(), "delta")?;
+    let mut delta = DeltaStream::new();
+    let mut pending = Some(first);
+    loop {
+        let wake = match pending.take() {
+            Some(r) => Wake::Request(r),
+            None => session.next(&mut inbound).await,
+        };
+        let responses = match wake {
+            Wake::Closed => return Ok(()),
+            Wake::Request(req) => {
+                let (kind, resp) = delta.on_request(&req, &session.current);
+                session.record_request(&req.type_url, &kind);
+                resp.into_iter().collect()
+            }
+            Wake::Changed => {
+                session.rebuild();
+                let responses = delta.on_snapshot(&session.current);
+                let types: Vec<&str> = responses.iter().map(|r| r.type_url.as_str()).collect();
+                session.observe_generation(&types);
+                responses
+            }
+        };
+        for resp in responses {
+            session.record_push(&resp.type_url, &resp.system_version_info);
+            if tx.send(Ok(resp)).await.is_err() {
+                return Ok(());
+            }
+        }
+        session.synced();
     }
 }
 

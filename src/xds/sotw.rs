@@ -6,10 +6,13 @@
 //! (envoyproxy.io/docs/envoy/latest/api-docs/xds_protocol), sections named.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 
-use crate::translate::{ProxyResources, Resource, content_hash, type_url};
+use super::cache::{Layer, ProxySnapshot, SLOTS, intern_names};
+use crate::translate::{Resource, type_url};
 
 /// What a request meant, for status and metrics.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,20 +30,27 @@ pub enum RequestKind {
     Unknown,
 }
 
+/// Subscribed names; `None` is a wildcard subscription (LDS/CDS only).
+/// Interned: many proxies subscribe to the same set.
+pub(crate) type Names = Option<Arc<BTreeSet<String>>>;
+
 /// Per type, what this stream subscribed to and what it was sent.
 #[derive(Clone, Debug, Default)]
 struct TypeState {
-    /// Subscribed names; `None` is a wildcard subscription (LDS/CDS only).
-    names: Option<BTreeSet<String>>,
+    names: Names,
     /// Has the client asked for this type at all?
     subscribed: bool,
     /// Version and nonce of the last response sent. The nonce is recorded
     /// before the response leaves so a fast ACK can never race it.
     sent_version: Option<String>,
     sent_nonce: Option<String>,
-    /// Per-resource versions in the last response, to tell which clusters
-    /// changed (their endpoints must then be resent).
-    sent_resources: BTreeMap<String, String>,
+    /// The layers and names the last evaluation saw: when neither changed
+    /// there is nothing to compute (the common case for most types on most
+    /// snapshot changes).
+    seen: Option<([Arc<Layer>; SLOTS], Names)>,
+    /// CDS only: the cluster layers last sent, to tell whether a cluster
+    /// changed (its endpoints must then be resent).
+    sent_layers: Option<[Arc<Layer>; SLOTS]>,
     /// Last version the client ACKed.
     acked_version: Option<String>,
     /// Resend even if the version did not change (a cluster changed, so
@@ -57,8 +67,34 @@ pub struct SotwStream {
 }
 
 /// The canonical `&'static str` for a served type URL.
-fn canonical(type_url: &str) -> Option<&'static str> {
+pub(crate) fn canonical(type_url: &str) -> Option<&'static str> {
     type_url::ORDER.into_iter().find(|t| *t == type_url)
+}
+
+/// Do the request's names equal the subscription? Without allocating: a
+/// SotW client repeats every name in every ACK, thousands for EDS.
+fn same_names(current: &Names, wildcard_type: bool, requested: &[String]) -> bool {
+    let wildcard = wildcard_type && (requested.is_empty() || requested.iter().any(|n| n == "*"));
+    match current {
+        None => wildcard,
+        Some(set) => {
+            !wildcard
+                && requested.iter().all(|n| set.contains(n))
+                && set.len() == requested.iter().collect::<BTreeSet<_>>().len()
+        }
+    }
+}
+
+fn same_layers(a: &[Arc<Layer>; SLOTS], b: &[Arc<Layer>; SLOTS]) -> bool {
+    a.iter().zip(b).all(|(x, y)| Arc::ptr_eq(x, y))
+}
+
+fn same_names_ptr(a: &Names, b: &Names) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(x), Some(y)) => Arc::ptr_eq(x, y),
+        _ => false,
+    }
 }
 
 impl SotwStream {
@@ -71,7 +107,7 @@ impl SotwStream {
     pub fn on_request(
         &mut self,
         req: &DiscoveryRequest,
-        snapshot: &ProxyResources,
+        snapshot: &ProxySnapshot,
     ) -> (RequestKind, Option<DiscoveryResponse>) {
         let Some(ty) = canonical(&req.type_url) else {
             return (RequestKind::Unknown, None);
@@ -95,16 +131,18 @@ impl SotwStream {
 
         // Subscriptions: an empty list on LDS/CDS (or "*") is a wildcard
         // ("How the client specifies what resources to return").
-        let names: BTreeSet<String> = req.resource_names.iter().cloned().collect();
-        let new_names =
-            if type_url::is_wildcard_type(ty) && (names.is_empty() || names.contains("*")) {
+        let wildcard_type = type_url::is_wildcard_type(ty);
+        let names_changed =
+            !state.subscribed || !same_names(&state.names, wildcard_type, &req.resource_names);
+        if names_changed {
+            let names: BTreeSet<String> = req.resource_names.iter().cloned().collect();
+            state.names = if wildcard_type && (names.is_empty() || names.contains("*")) {
                 None
             } else {
-                Some(names)
+                Some(intern_names(names))
             };
-        let names_changed = !state.subscribed || state.names != new_names;
+        }
         state.subscribed = true;
-        state.names = new_names;
 
         // A NACK or ACK with unchanged names needs no answer: the rejected
         // version is never resent; a new one goes out when config changes.
@@ -125,7 +163,7 @@ impl SotwStream {
 
     /// The snapshot changed: responses for every subscribed type whose
     /// content changed, in make-before-break order.
-    pub fn on_snapshot(&mut self, snapshot: &ProxyResources) -> Vec<DiscoveryResponse> {
+    pub fn on_snapshot(&mut self, snapshot: &ProxySnapshot) -> Vec<DiscoveryResponse> {
         let mut out = Vec::new();
         for ty in type_url::ORDER {
             if self.types.get(ty).is_some_and(|s| s.subscribed)
@@ -147,21 +185,23 @@ impl SotwStream {
 
     /// Build a response for `ty` if what the client should have differs from
     /// what it was last sent.
-    fn respond(
-        &mut self,
-        ty: &'static str,
-        snapshot: &ProxyResources,
-    ) -> Option<DiscoveryResponse> {
+    fn respond(&mut self, ty: &'static str, snapshot: &ProxySnapshot) -> Option<DiscoveryResponse> {
+        let layers = snapshot.layers_or_empty(ty).clone();
         let state = self.types.get_mut(ty)?;
-        let selected: Vec<&Resource> = match (&state.names, snapshot.get(ty)) {
-            (_, None) => Vec::new(),
-            (None, Some(all)) => all.values().map(|r| r.as_ref()).collect(),
+        if !state.force
+            && state
+                .seen
+                .as_ref()
+                .is_some_and(|(l, n)| same_layers(l, &layers) && same_names_ptr(n, &state.names))
+        {
+            return None;
+        }
+        state.seen = Some((layers.clone(), state.names.clone()));
+        let selected: Vec<&Arc<Resource>> = match &state.names {
+            None => snapshot.all(ty),
             // Named types: exactly the requested names that exist; missing
             // ones are sent when they appear ("Resource warming").
-            (Some(names), Some(all)) => names
-                .iter()
-                .filter_map(|n| all.get(n).map(|r| r.as_ref()))
-                .collect(),
+            Some(names) => names.iter().filter_map(|n| snapshot.get(ty, n)).collect(),
         };
         // Nothing to say about a named type we never answered yet.
         if state.names.is_some() && selected.is_empty() && state.sent_version.is_none() {
@@ -173,21 +213,27 @@ impl SotwStream {
         }
         state.force = false;
 
-        let resources: BTreeMap<String, String> = selected
-            .iter()
-            .map(|r| (r.name.clone(), r.version.clone()))
-            .collect();
-        // A changed or new cluster re-warms and needs its endpoints again.
+        // A changed or new EDS cluster re-warms and needs its endpoints
+        // again (EDS names are the clusters' names).
         if ty == type_url::CLUSTER {
-            let changed = resources
-                .iter()
-                .any(|(n, v)| state.sent_resources.get(n) != Some(v));
-            state.sent_resources = resources;
-            if changed && let Some(eds) = self.types.get_mut(type_url::ENDPOINT) {
-                eds.force = eds.subscribed;
+            let upserted: Vec<String> = match &state.sent_layers {
+                None => selected.iter().map(|r| r.name.clone()).collect(),
+                Some(old) => layers
+                    .iter()
+                    .zip(old)
+                    .flat_map(|(new, old)| new.changes_since(old).0)
+                    .map(|r| r.name.clone())
+                    .collect(),
+            };
+            state.sent_layers = Some(layers);
+            if let Some(eds) = self.types.get_mut(type_url::ENDPOINT)
+                && eds.subscribed
+                && upserted
+                    .iter()
+                    .any(|n| eds.names.as_ref().is_none_or(|s| s.contains(n)))
+            {
+                eds.force = true;
             }
-        } else {
-            state.sent_resources = resources;
         }
 
         self.nonce_seq += 1;
@@ -206,18 +252,20 @@ impl SotwStream {
 }
 
 /// Version of a SotW response: a hash of the names and versions it carries.
-fn sotw_version(resources: &[&Resource]) -> String {
-    let parts: Vec<&[u8]> = resources
-        .iter()
-        .flat_map(|r| [r.name.as_bytes(), r.version.as_bytes()])
-        .collect();
-    content_hash(&parts)
+/// SipHash, not SHA-256: it is computed per proxy on every change of a type.
+fn sotw_version(resources: &[&Arc<Resource>]) -> String {
+    let mut h = std::hash::DefaultHasher::new();
+    for r in resources {
+        r.name.hash(&mut h);
+        r.version.hash(&mut h);
+    }
+    format!("{:016x}", h.finish())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
+    use crate::translate::ProxyResources;
 
     use envoy_types::pb::envoy::config::cluster::v3::Cluster;
     use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
@@ -258,7 +306,11 @@ mod tests {
         ))
     }
 
-    fn snap(resources: Vec<Arc<Resource>>) -> ProxyResources {
+    fn snap(resources: Vec<Arc<Resource>>) -> ProxySnapshot {
+        ProxySnapshot::from_resources(&flat(resources))
+    }
+
+    fn flat(resources: Vec<Arc<Resource>>) -> ProxyResources {
         let mut out = ProxyResources::default();
         for r in resources {
             let ty = canonical(&r.any.type_url).expect("served type");
@@ -374,13 +426,14 @@ mod tests {
     #[test]
     fn stale_nonce_never_loses_a_subscription_change() {
         let mut s = SotwStream::new();
-        let snap = snap(vec![cla("a"), cla("b")]);
+        let base = flat(vec![cla("a"), cla("b")]);
+        let snap = ProxySnapshot::from_resources(&base);
         let (_, r1) = s.on_request(&req(type_url::ENDPOINT, &["a"], "", ""), &snap);
         let r1 = r1.unwrap();
         // A push happens; the client then sends a request still carrying the
         // old nonce but with a new name list.
         let snap2 = {
-            let mut x = snap.clone();
+            let mut x = base.clone();
             x.by_type.get_mut(type_url::ENDPOINT).unwrap().insert(
                 "a".into(),
                 Arc::new(Resource::new(
@@ -392,7 +445,7 @@ mod tests {
                     },
                 )),
             );
-            x
+            ProxySnapshot::from_resources(&x)
         };
         let pushed = s.on_snapshot(&snap2);
         assert_eq!(pushed.len(), 1);

@@ -56,6 +56,11 @@ pub struct ProxyStatus {
     pub peer: String,
     /// Seconds since the Unix epoch.
     pub connected_at: u64,
+    /// `ads` (state of the world) or `delta`.
+    pub protocol: &'static str,
+    /// The last mesh generation this stream evaluated (and pushed, if it
+    /// changed anything for the proxy).
+    pub generation: u64,
     /// By short type name (`cds`, `eds`, `lds`, `rds`, `sds`).
     pub types: BTreeMap<&'static str, TypeStatus>,
     /// The workload certificate Envoy last ACKed over SDS: what it serves now.
@@ -161,6 +166,8 @@ mod tests {
             connected_at: 0,
             types: Default::default(),
             cert: None,
+            protocol: "ads",
+            generation: 0,
         });
         r.set_cert(id, acked(0, 10));
         use crate::ca::AckSource;
@@ -224,6 +231,13 @@ impl ProxyRegistry {
                     }
                 }
             }
+        }
+    }
+
+    /// Record the mesh generation a stream has evaluated.
+    pub fn set_generation(&self, stream: u64, generation: u64) {
+        if let Some(mut s) = self.streams.get_mut(&stream) {
+            s.generation = generation;
         }
     }
 

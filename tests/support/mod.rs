@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -53,6 +55,7 @@ impl Ward {
             xds_server_names: vec![],
             root_rotation_interval: None,
             policy_step_timeout: std::time::Duration::from_secs(30),
+            push_debounce: Duration::ZERO,
         };
         tweak(&mut cfg);
         let running = app::start(cfg).await.expect("ward starts");
@@ -242,4 +245,146 @@ pub fn repo_path(p: &str) -> PathBuf {
 
 pub fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
+}
+
+/// A fake Envoy on one delta (incremental) ADS stream.
+pub struct DeltaAds {
+    tx: mpsc::Sender<DeltaDiscoveryRequest>,
+    rx: Streaming<DeltaDiscoveryResponse>,
+    node: Option<Node>,
+}
+
+impl DeltaAds {
+    pub async fn connect(
+        ward: &Ward,
+        credential: Option<(String, String)>,
+        node_id: &str,
+    ) -> Result<DeltaAds, Status> {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(
+                ward.running.authority.trust_bundle_pem(),
+            ))
+            .domain_name("localhost");
+        if let Some((cert, key)) = credential {
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        let channel = Channel::from_shared(format!("https://{}", ward.running.xds_addr))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .map_err(|e| Status::unavailable(format!("connect: {e:?}")))?;
+        let (tx, rx) = mpsc::channel(16);
+        let mut client = AggregatedDiscoveryServiceClient::new(channel);
+        let resp = client
+            .delta_aggregated_resources(ReceiverStream::new(rx))
+            .await?;
+        Ok(DeltaAds {
+            tx,
+            rx: resp.into_inner(),
+            node: Some(Node {
+                id: node_id.into(),
+                ..Default::default()
+            }),
+        })
+    }
+
+    /// Send a request (the first one carries the node).
+    pub async fn send(&mut self, mut req: DeltaDiscoveryRequest) {
+        req.node = self.node.take();
+        self.tx.send(req).await.expect("stream open");
+    }
+
+    /// Subscribe to / unsubscribe from names of a type.
+    pub async fn subscribe(&mut self, type_url: &str, sub: &[&str], unsub: &[&str]) {
+        self.send(DeltaDiscoveryRequest {
+            type_url: type_url.into(),
+            resource_names_subscribe: sub.iter().map(|s| s.to_string()).collect(),
+            resource_names_unsubscribe: unsub.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    pub async fn ack(&mut self, resp: &DeltaDiscoveryResponse) {
+        self.send(DeltaDiscoveryRequest {
+            type_url: resp.type_url.clone(),
+            response_nonce: resp.nonce.clone(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    pub async fn nack(&mut self, resp: &DeltaDiscoveryResponse, message: &str) {
+        self.send(DeltaDiscoveryRequest {
+            type_url: resp.type_url.clone(),
+            response_nonce: resp.nonce.clone(),
+            error_detail: Some(RpcStatus {
+                code: 3,
+                message: message.into(),
+                details: vec![],
+            }),
+            ..Default::default()
+        })
+        .await
+    }
+
+    pub async fn recv(&mut self) -> DeltaDiscoveryResponse {
+        match tokio::time::timeout(Duration::from_secs(10), self.rx.message()).await {
+            Ok(Ok(Some(r))) => r,
+            other => panic!("expected a delta response, got {other:?}"),
+        }
+    }
+}
+
+/// Names of the resources in a delta response, sorted.
+pub fn delta_names(resp: &DeltaDiscoveryResponse) -> Vec<String> {
+    let mut v: Vec<String> = resp.resources.iter().map(|r| r.name.clone()).collect();
+    v.sort();
+    v
+}
+
+/// A Ward serving a generated mesh (see `ward::meshgen`).
+pub async fn generated_ward(services: usize, pods: usize) -> Ward {
+    let yaml = ward::meshgen::mesh_yaml(&ward::meshgen::MeshSpec { services, pods });
+    Ward::start(&[
+        (ward::meshgen::MESH_FILE, &yaml),
+        (ward::meshgen::CHANGE_FILE, &ward::meshgen::change_yaml(0)),
+    ])
+    .await
+}
+
+impl Ward {
+    /// Credential of generated pod `j`.
+    pub fn pod_credential(&self, services: usize, j: usize) -> (String, String) {
+        let spec = ward::meshgen::MeshSpec { services, pods: 0 };
+        self.credential(
+            &ward::meshgen::pod_key(j).to_string(),
+            &ward::meshgen::service_account(ward::meshgen::pod_service(&spec, j)),
+        )
+    }
+
+    /// Wait until every connected stream has evaluated the latest snapshot
+    /// (and sent what it changed). Returns that generation.
+    pub async fn wait_streams_synced(&self, at_least: u64) -> u64 {
+        eventually(Duration::from_secs(20), || async {
+            let list = self.running.registry.list();
+            let min = list.iter().map(|p| p.generation).min()?;
+            (min >= at_least && list.iter().all(|p| p.generation == min)).then_some(min)
+        })
+        .await
+        .expect("every stream evaluates the latest snapshot")
+    }
+
+    /// Pushes per stream and type so far, by pod.
+    pub fn pushes(&self, pod: &str) -> std::collections::BTreeMap<&'static str, u64> {
+        self.running
+            .registry
+            .list()
+            .iter()
+            .filter(|p| p.pod == pod)
+            .flat_map(|p| p.types.iter().map(|(t, s)| (*t, s.pushes)))
+            .collect()
+    }
 }
