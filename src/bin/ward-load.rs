@@ -556,7 +556,14 @@ async fn start_ward(a: &RunArgs, work: &Path) -> anyhow::Result<(WardProcess, Ta
     let ca_pem = if a.insecure_xds {
         None
     } else {
-        Some(Authority::load_or_generate(&work.join("state"), TD)?.trust_bundle_pem())
+        Some(
+            Authority::load_or_generate_as(
+                &work.join("state").join("xds"),
+                TD,
+                ward::ca::RootKind::Xds,
+            )?
+            .trust_bundle_pem(),
+        )
     };
     Ok((
         WardProcess { child, pid, admin },
@@ -590,7 +597,12 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     let authority = if a.insecure_xds {
         None
     } else {
-        Some(Authority::load_or_generate(&work.join("state"), TD)?)
+        // The xDS CA signs sidecar credentials (the mesh root is separate).
+        Some(Authority::load_or_generate_as(
+            &work.join("state").join("xds"),
+            TD,
+            ward::ca::RootKind::Xds,
+        )?)
     };
     let t = Instant::now();
     let creds = creds_for(authority.as_ref(), &a)?;
@@ -747,9 +759,9 @@ async fn rotate(a: RunArgs) -> anyhow::Result<()> {
     let running = ward::app::start(cfg).await?;
     let target = Target {
         addr: running.xds_addr,
-        ca_pem: (!a.insecure_xds).then(|| running.authority.trust_bundle_pem()),
+        ca_pem: (!a.insecure_xds).then(|| running.xds_ca.trust_bundle_pem()),
     };
-    let creds = creds_for((!a.insecure_xds).then_some(&*running.authority), &a)?;
+    let creds = creds_for((!a.insecure_xds).then_some(&*running.xds_ca), &a)?;
     let fleet = Fleet::start(&a, &target, creds).await?;
     fleet
         .wait("syncing", a.timeout, |_, s| {

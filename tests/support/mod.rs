@@ -262,7 +262,7 @@ impl DeltaAds {
     ) -> Result<DeltaAds, Status> {
         let mut tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(
-                ward.running.authority.trust_bundle_pem(),
+                ward.running.xds_ca.trust_bundle_pem(),
             ))
             .domain_name("localhost");
         if let Some((cert, key)) = credential {
