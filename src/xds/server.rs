@@ -139,7 +139,9 @@ impl AggregatedDiscoveryService for AdsService {
         // One task per stream; it ends with the stream or on shutdown.
         tokio::spawn(async move {
             let _count = count;
-            if let Err(status) = run_stream(&ctx, proven, peer.clone(), inbound, &tx).await {
+            if let Err(status) =
+                drive(&ctx, proven, peer.clone(), inbound, &tx, SotwStream::new()).await
+            {
                 tracing::warn!(peer = %peer, "xDS stream refused: {}", status.message());
                 let _ = tx.send(Err(status)).await;
             }
@@ -166,7 +168,9 @@ impl AggregatedDiscoveryService for AdsService {
         let count = ctx.stream_tasks.enter();
         tokio::spawn(async move {
             let _count = count;
-            if let Err(status) = run_delta_stream(&ctx, proven, peer.clone(), inbound, &tx).await {
+            if let Err(status) =
+                drive(&ctx, proven, peer.clone(), inbound, &tx, DeltaStream::new()).await
+            {
                 tracing::warn!(peer = %peer, "delta xDS stream refused: {}", status.message());
                 let _ = tx.send(Err(status)).await;
             }
@@ -458,63 +462,91 @@ async fn first_request<R>(
     }
 }
 
-async fn run_stream(
-    ctx: &XdsContext,
-    proven: Option<Proven>,
-    peer: String,
-    inbound: Streaming<DiscoveryRequest>,
-    tx: &mpsc::Sender<Result<DiscoveryResponse, Status>>,
-) -> Result<(), Status> {
-    let mut inbound = inbound.fuse();
-    let Some(first) = first_request(&mut inbound).await? else {
-        return Ok(());
-    };
-    let mut session = Session::open(ctx, proven, peer, first.node.as_ref(), "ads")?;
-    let mut sotw = SotwStream::new();
-    let mut pending = Some(first);
-    loop {
-        let wake = match pending.take() {
-            Some(r) => Wake::Request(r),
-            None => session.next(&mut inbound).await,
-        };
-        let responses = match wake {
-            Wake::Closed => return Ok(()),
-            Wake::Request(req) => {
-                let (kind, resp) = sotw.on_request(&req, &session.current);
-                session.record_request(&req.type_url, &kind);
-                resp.into_iter().collect()
-            }
-            Wake::Changed => {
-                session.rebuild();
-                let responses = sotw.on_snapshot(&session.current);
-                let types: Vec<&str> = responses.iter().map(|r| r.type_url.as_str()).collect();
-                session.observe_generation(&types);
-                responses
-            }
-        };
-        for resp in responses {
-            session.record_push(&resp.type_url, &resp.version_info);
-            if tx.send(Ok(resp)).await.is_err() {
-                return Ok(());
-            }
-        }
-        session.synced();
+/// What differs between state-of-the-world and delta ADS; everything else
+/// (authentication, status, certificates, snapshots) is the shared
+/// [`Session`] and [`drive`].
+trait Protocol: Send {
+    type Req: Send + 'static;
+    type Resp: Send + 'static;
+    /// Name in status (`ads` / `delta`).
+    const NAME: &'static str;
+    fn node(req: &Self::Req) -> Option<&Node>;
+    fn type_url(req: &Self::Req) -> &str;
+    fn on_request(
+        &mut self,
+        req: &Self::Req,
+        snap: &ProxySnapshot,
+    ) -> (RequestKind, Option<Self::Resp>);
+    fn on_snapshot(&mut self, snap: &ProxySnapshot) -> Vec<Self::Resp>;
+    /// (type URL, version) of a response.
+    fn describe(resp: &Self::Resp) -> (&str, &str);
+}
+
+impl Protocol for SotwStream {
+    type Req = DiscoveryRequest;
+    type Resp = DiscoveryResponse;
+    const NAME: &'static str = "ads";
+    fn node(req: &Self::Req) -> Option<&Node> {
+        req.node.as_ref()
+    }
+    fn type_url(req: &Self::Req) -> &str {
+        &req.type_url
+    }
+    fn on_request(
+        &mut self,
+        req: &Self::Req,
+        snap: &ProxySnapshot,
+    ) -> (RequestKind, Option<Self::Resp>) {
+        SotwStream::on_request(self, req, snap)
+    }
+    fn on_snapshot(&mut self, snap: &ProxySnapshot) -> Vec<Self::Resp> {
+        SotwStream::on_snapshot(self, snap)
+    }
+    fn describe(resp: &Self::Resp) -> (&str, &str) {
+        (&resp.type_url, &resp.version_info)
     }
 }
 
-async fn run_delta_stream(
+impl Protocol for DeltaStream {
+    type Req = DeltaDiscoveryRequest;
+    type Resp = DeltaDiscoveryResponse;
+    const NAME: &'static str = "delta";
+    fn node(req: &Self::Req) -> Option<&Node> {
+        req.node.as_ref()
+    }
+    fn type_url(req: &Self::Req) -> &str {
+        &req.type_url
+    }
+    fn on_request(
+        &mut self,
+        req: &Self::Req,
+        snap: &ProxySnapshot,
+    ) -> (RequestKind, Option<Self::Resp>) {
+        DeltaStream::on_request(self, req, snap)
+    }
+    fn on_snapshot(&mut self, snap: &ProxySnapshot) -> Vec<Self::Resp> {
+        DeltaStream::on_snapshot(self, snap)
+    }
+    fn describe(resp: &Self::Resp) -> (&str, &str) {
+        (&resp.type_url, &resp.system_version_info)
+    }
+}
+
+/// One stream, either protocol: requests, snapshot and certificate changes
+/// in; responses out, recorded in status before they are sent.
+async fn drive<P: Protocol>(
     ctx: &XdsContext,
     proven: Option<Proven>,
     peer: String,
-    inbound: Streaming<DeltaDiscoveryRequest>,
-    tx: &mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    inbound: Streaming<P::Req>,
+    tx: &mpsc::Sender<Result<P::Resp, Status>>,
+    mut proto: P,
 ) -> Result<(), Status> {
     let mut inbound = inbound.fuse();
     let Some(first) = first_request(&mut inbound).await? else {
         return Ok(());
     };
-    let mut session = Session::open(ctx, proven, peer, first.node.as_ref(), "delta")?;
-    let mut delta = DeltaStream::new();
+    let mut session = Session::open(ctx, proven, peer, P::node(&first), P::NAME)?;
     let mut pending = Some(first);
     loop {
         let wake = match pending.take() {
@@ -524,20 +556,21 @@ async fn run_delta_stream(
         let responses = match wake {
             Wake::Closed => return Ok(()),
             Wake::Request(req) => {
-                let (kind, resp) = delta.on_request(&req, &session.current);
-                session.record_request(&req.type_url, &kind);
+                let (kind, resp) = proto.on_request(&req, &session.current);
+                session.record_request(P::type_url(&req), &kind);
                 resp.into_iter().collect()
             }
             Wake::Changed => {
                 session.rebuild();
-                let responses = delta.on_snapshot(&session.current);
-                let types: Vec<&str> = responses.iter().map(|r| r.type_url.as_str()).collect();
+                let responses = proto.on_snapshot(&session.current);
+                let types: Vec<&str> = responses.iter().map(|r| P::describe(r).0).collect();
                 session.observe_generation(&types);
                 responses
             }
         };
         for resp in responses {
-            session.record_push(&resp.type_url, &resp.system_version_info);
+            let (type_url, version) = P::describe(&resp);
+            session.record_push(type_url, version);
             if tx.send(Ok(resp)).await.is_err() {
                 return Ok(());
             }
