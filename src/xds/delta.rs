@@ -122,6 +122,9 @@ impl Default for TypeState {
     }
 }
 
+/// Target size of one delta response; larger updates go out in several.
+pub const CHUNK_BYTES: usize = 32 * 1024;
+
 /// One stream's delta protocol state.
 #[derive(Debug, Default)]
 pub struct DeltaStream {
@@ -141,9 +144,9 @@ impl DeltaStream {
         &mut self,
         req: &DeltaDiscoveryRequest,
         snapshot: &ProxySnapshot,
-    ) -> (RequestKind, Option<DeltaDiscoveryResponse>) {
+    ) -> (RequestKind, Vec<DeltaDiscoveryResponse>) {
         let Some(ty) = canonical(&req.type_url) else {
-            return (RequestKind::Unknown, None);
+            return (RequestKind::Unknown, Vec::new());
         };
         let first = !self.types.contains_key(ty);
         let state = self.types.entry(ty).or_default();
@@ -202,7 +205,7 @@ impl DeltaStream {
             changed = true;
         }
         if !changed {
-            return (kind, None);
+            return (kind, Vec::new());
         }
         let resp = self.respond(ty, snapshot, first && wildcard_type);
         (kind, resp)
@@ -213,10 +216,8 @@ impl DeltaStream {
     pub fn on_snapshot(&mut self, snapshot: &ProxySnapshot) -> Vec<DeltaDiscoveryResponse> {
         let mut out = Vec::new();
         for ty in type_url::ORDER {
-            if self.types.contains_key(ty)
-                && let Some(resp) = self.respond(ty, snapshot, false)
-            {
-                out.push(resp);
+            if self.types.contains_key(ty) {
+                out.extend(self.respond(ty, snapshot, false));
             }
         }
         out
@@ -230,17 +231,20 @@ impl DeltaStream {
             .collect()
     }
 
-    /// What the client lacks of `ty`, as a response (None: nothing to say).
-    /// `always`: answer even when empty (the first wildcard request: the
-    /// client waits for it to finish initializing).
+    /// What the client lacks of `ty`, as responses of at most about
+    /// [`CHUNK_BYTES`] each (empty: nothing to say). `always`: answer even
+    /// when empty (the first wildcard request: the client waits for it to
+    /// finish initializing).
     fn respond(
         &mut self,
         ty: &'static str,
         snapshot: &ProxySnapshot,
         always: bool,
-    ) -> Option<DeltaDiscoveryResponse> {
+    ) -> Vec<DeltaDiscoveryResponse> {
         let layers = snapshot.layers_or_empty(ty);
-        let state = self.types.get_mut(ty)?;
+        let Some(state) = self.types.get_mut(ty) else {
+            return Vec::new();
+        };
         let (mut send, removed) = diff(state, layers, snapshot, ty);
         if !state.force.is_empty() {
             let force = std::mem::take(&mut state.force);
@@ -259,7 +263,7 @@ impl DeltaStream {
             names: state.names.clone(),
         };
         if send.is_empty() && removed.is_empty() && !always {
-            return None;
+            return Vec::new();
         }
         // A changed or new cluster re-warms and needs its endpoints again.
         if ty == type_url::CLUSTER
@@ -271,28 +275,50 @@ impl DeltaStream {
                 }
             }
         }
-        self.nonce_seq += 1;
-        let nonce = self.nonce_seq.to_string();
         let version = format!("{:016x}", snapshot.version(ty));
-        let state = self.types.get_mut(ty)?;
-        state.sent_nonce = Some(nonce.clone());
-        state.sent_version = Some(version.clone());
-        Some(DeltaDiscoveryResponse {
-            system_version_info: version,
-            resources: send
-                .iter()
-                .map(|r| XdsResource {
-                    name: r.name.clone(),
-                    version: r.version.clone(),
-                    resource: Some(r.any.clone()),
-                    ..Default::default()
-                })
-                .collect(),
-            type_url: ty.to_string(),
-            removed_resources: removed,
-            nonce,
-            ..Default::default()
-        })
+        // Chunks: tonic keeps each stream's encode buffer at the size of the
+        // largest message it sent, so one 1 MB initial LDS response would
+        // cost every stream 1 MB for its whole life.
+        let mut chunks: Vec<Vec<&Arc<Resource>>> = vec![Vec::new()];
+        let mut size = 0;
+        for r in send {
+            let len = r.any.value.len() + r.name.len() + 64;
+            if size + len > CHUNK_BYTES && chunks.last().is_some_and(|c| !c.is_empty()) {
+                chunks.push(Vec::new());
+                size = 0;
+            }
+            size += len;
+            if let Some(c) = chunks.last_mut() {
+                c.push(r);
+            }
+        }
+        let mut removed = Some(removed);
+        let mut out = Vec::with_capacity(chunks.len());
+        for chunk in chunks {
+            self.nonce_seq += 1;
+            out.push(DeltaDiscoveryResponse {
+                system_version_info: version.clone(),
+                resources: chunk
+                    .iter()
+                    .map(|r| XdsResource {
+                        name: r.name.clone(),
+                        version: r.version.clone(),
+                        resource: Some(r.any.clone()),
+                        ..Default::default()
+                    })
+                    .collect(),
+                type_url: ty.to_string(),
+                removed_resources: removed.take().unwrap_or_default(),
+                nonce: self.nonce_seq.to_string(),
+                ..Default::default()
+            });
+        }
+        // Only the last chunk's ACK counts as the ACK of this version.
+        if let Some(state) = self.types.get_mut(ty) {
+            state.sent_nonce = out.last().map(|r| r.nonce.clone());
+            state.sent_version = Some(version);
+        }
+        out
     }
 }
 
@@ -353,6 +379,7 @@ fn diff<'a>(
 mod tests {
     use super::*;
     use crate::translate::ProxyResources;
+    use prost::Message;
 
     use envoy_types::pb::envoy::config::cluster::v3::Cluster;
     use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
@@ -430,6 +457,11 @@ mod tests {
         }
     }
 
+    fn one(mut v: Vec<DeltaDiscoveryResponse>) -> DeltaDiscoveryResponse {
+        assert_eq!(v.len(), 1, "one response");
+        v.remove(0)
+    }
+
     fn names(resp: &DeltaDiscoveryResponse) -> Vec<&str> {
         let mut v: Vec<&str> = resp.resources.iter().map(|r| r.name.as_str()).collect();
         v.sort();
@@ -442,7 +474,7 @@ mod tests {
         let s = snap(vec![cluster("a", 1), cluster("b", 1)]);
         let (kind, r) = d.on_request(&req(type_url::CLUSTER, &[], &[], ""), &s);
         assert_eq!(kind, RequestKind::Initial);
-        let r = r.unwrap();
+        let r = one(r);
         assert_eq!(names(&r), ["a", "b"]);
         assert!(
             r.resources.iter().all(|x| !x.version.is_empty()
@@ -455,7 +487,7 @@ mod tests {
     fn an_empty_wildcard_still_gets_an_answer() {
         let mut d = DeltaStream::new();
         let (_, r) = d.on_request(&req(type_url::LISTENER, &[], &[], ""), &snap(vec![]));
-        assert!(r.unwrap().resources.is_empty());
+        assert!(one(r).resources.is_empty());
     }
 
     #[test]
@@ -463,10 +495,10 @@ mod tests {
         let mut d = DeltaStream::new();
         let s1 = snap(vec![cluster("a", 1), cluster("b", 1), cluster("c", 1)]);
         let (_, r) = d.on_request(&req(type_url::CLUSTER, &[], &[], ""), &s1);
-        let r = r.unwrap();
+        let r = one(r);
         let (kind, none) = d.on_request(&req(type_url::CLUSTER, &[], &[], &r.nonce), &s1);
         assert!(matches!(kind, RequestKind::Ack { .. }));
-        assert!(none.is_none());
+        assert!(none.is_empty());
         let s2 = next(&s1, vec![cluster("a", 1), cluster("b", 2), cluster("d", 1)]);
         let pushed = d.on_snapshot(&s2);
         assert_eq!(pushed.len(), 1);
@@ -491,9 +523,9 @@ mod tests {
         let mut d = DeltaStream::new();
         let s1 = snap(vec![cla("a", 1), cla("b", 1)]);
         let (_, r) = d.on_request(&req(type_url::ENDPOINT, &["a", "later"], &[], ""), &s1);
-        assert_eq!(names(&r.unwrap()), ["a"]);
+        assert_eq!(names(&one(r)), ["a"]);
         let (_, r) = d.on_request(&req(type_url::ENDPOINT, &["b"], &["a"], ""), &s1);
-        assert_eq!(names(&r.unwrap()), ["b"]);
+        assert_eq!(names(&one(r)), ["b"]);
         // "later" appears: sent. "a" changes: not subscribed any more.
         let s2 = next(&s1, vec![cla("a", 2), cla("b", 1), cla("later", 1)]);
         let pushed = d.on_snapshot(&s2);
@@ -505,13 +537,13 @@ mod tests {
         let mut d = DeltaStream::new();
         let s1 = snap(vec![cla("a", 1), cla("b", 1)]);
         let (_, r1) = d.on_request(&req(type_url::ENDPOINT, &["a"], &[], ""), &s1);
-        let r1 = r1.unwrap();
+        let r1 = one(r1);
         let s2 = next(&s1, vec![cla("a", 2), cla("b", 1)]);
         assert_eq!(d.on_snapshot(&s2).len(), 1);
         // ACK of the first response (now stale) that also subscribes to b.
         let (kind, r) = d.on_request(&req(type_url::ENDPOINT, &["b"], &[], &r1.nonce), &s2);
         assert_eq!(kind, RequestKind::Stale);
-        assert_eq!(names(&r.unwrap()), ["b"]);
+        assert_eq!(names(&one(r)), ["b"]);
     }
 
     #[test]
@@ -527,7 +559,7 @@ mod tests {
         ]
         .into();
         let (_, resp) = d.on_request(&r, &s);
-        let resp = resp.unwrap();
+        let resp = one(resp);
         assert_eq!(names(&resp), ["b"]);
         assert_eq!(resp.removed_resources, ["gone"]);
     }
@@ -538,15 +570,15 @@ mod tests {
         let s = snap(vec![cluster("a", 1), cluster("b", 1)]);
         // Not a legacy wildcard: names given.
         let (_, r) = d.on_request(&req(type_url::CLUSTER, &["a"], &[], ""), &s);
-        assert_eq!(names(&r.unwrap()), ["a"]);
+        assert_eq!(names(&one(r)), ["a"]);
         let (_, r) = d.on_request(&req(type_url::CLUSTER, &["*"], &[], ""), &s);
-        assert_eq!(names(&r.unwrap()), ["b"]);
+        assert_eq!(names(&one(r)), ["b"]);
         // Unsubscribing a name the wildcard covers: its state is sent again.
         let (_, r) = d.on_request(&req(type_url::CLUSTER, &[], &["a"], ""), &s);
-        assert_eq!(names(&r.unwrap()), ["a"]);
+        assert_eq!(names(&one(r)), ["a"]);
         // Leaving the wildcard keeps nothing subscribed.
         let (_, r) = d.on_request(&req(type_url::CLUSTER, &[], &["*"], ""), &s);
-        assert!(r.is_none());
+        assert!(r.is_empty());
         let s2 = next(&s, vec![cluster("a", 2), cluster("b", 2)]);
         assert!(d.on_snapshot(&s2).is_empty());
     }
@@ -556,7 +588,7 @@ mod tests {
         let mut d = DeltaStream::new();
         let s1 = snap(vec![cluster("a", 1)]);
         let (_, r) = d.on_request(&req(type_url::CLUSTER, &[], &[], ""), &s1);
-        let r = r.unwrap();
+        let r = one(r);
         let mut nack = req(type_url::CLUSTER, &[], &[], &r.nonce);
         nack.error_detail = Some(RpcStatus {
             code: 3,
@@ -565,10 +597,34 @@ mod tests {
         });
         let (kind, resp) = d.on_request(&nack, &s1);
         assert!(matches!(kind, RequestKind::Nack { message, .. } if message == "bad"));
-        assert!(resp.is_none());
+        assert!(resp.is_empty());
         assert!(d.on_snapshot(&s1).is_empty());
         let s2 = next(&s1, vec![cluster("a", 2)]);
         assert_eq!(d.on_snapshot(&s2).len(), 1);
+    }
+
+    #[test]
+    fn large_updates_are_split_into_chunks_each_acked_separately() {
+        let big: Vec<Arc<Resource>> = (0..400).map(|i| cla(&format!("c{i:03}"), 200)).collect();
+        let names_: Vec<String> = big.iter().map(|r| r.name.clone()).collect();
+        let s = snap(big);
+        let mut d = DeltaStream::new();
+        let mut r = req(type_url::ENDPOINT, &[], &[], "");
+        r.resource_names_subscribe = names_.clone();
+        let (_, out) = d.on_request(&r, &s);
+        assert!(out.len() > 1, "split");
+        let mut seen = BTreeSet::new();
+        for resp in &out {
+            assert!(resp.encoded_len() < 2 * CHUNK_BYTES);
+            seen.extend(resp.resources.iter().map(|x| x.name.clone()));
+        }
+        assert_eq!(seen.len(), 400);
+        // Only the last nonce is an ACK of the version; earlier ones are stale.
+        let (kind, _) = d.on_request(&req(type_url::ENDPOINT, &[], &[], &out[0].nonce), &s);
+        assert_eq!(kind, RequestKind::Stale);
+        let last = out.last().unwrap();
+        let (kind, _) = d.on_request(&req(type_url::ENDPOINT, &[], &[], &last.nonce), &s);
+        assert!(matches!(kind, RequestKind::Ack { .. }));
     }
 
     #[test]
