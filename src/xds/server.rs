@@ -476,7 +476,7 @@ trait Protocol: Send {
         &mut self,
         req: &Self::Req,
         snap: &ProxySnapshot,
-    ) -> (RequestKind, Option<Self::Resp>);
+    ) -> (RequestKind, Vec<Self::Resp>);
     fn on_snapshot(&mut self, snap: &ProxySnapshot) -> Vec<Self::Resp>;
     /// (type URL, version) of a response.
     fn describe(resp: &Self::Resp) -> (&str, &str);
@@ -496,8 +496,9 @@ impl Protocol for SotwStream {
         &mut self,
         req: &Self::Req,
         snap: &ProxySnapshot,
-    ) -> (RequestKind, Option<Self::Resp>) {
-        SotwStream::on_request(self, req, snap)
+    ) -> (RequestKind, Vec<Self::Resp>) {
+        let (kind, resp) = SotwStream::on_request(self, req, snap);
+        (kind, resp.into_iter().collect())
     }
     fn on_snapshot(&mut self, snap: &ProxySnapshot) -> Vec<Self::Resp> {
         SotwStream::on_snapshot(self, snap)
@@ -521,7 +522,7 @@ impl Protocol for DeltaStream {
         &mut self,
         req: &Self::Req,
         snap: &ProxySnapshot,
-    ) -> (RequestKind, Option<Self::Resp>) {
+    ) -> (RequestKind, Vec<Self::Resp>) {
         DeltaStream::on_request(self, req, snap)
     }
     fn on_snapshot(&mut self, snap: &ProxySnapshot) -> Vec<Self::Resp> {
@@ -558,7 +559,7 @@ async fn drive<P: Protocol>(
             Wake::Request(req) => {
                 let (kind, resp) = proto.on_request(&req, &session.current);
                 session.record_request(P::type_url(&req), &kind);
-                resp.into_iter().collect()
+                resp
             }
             Wake::Changed => {
                 session.rebuild();
