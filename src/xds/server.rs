@@ -123,36 +123,25 @@ impl AggregatedDiscoveryService for AdsService {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        let peer = request
-            .remote_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_else(|| "unknown".into());
-        let proven = if self.ctx.insecure {
-            None
-        } else {
-            Some(self.authenticate(&request, &peer)?)
-        };
-        let (tx, rx) = mpsc::channel(16);
-        let ctx = self.ctx.clone();
-        let inbound = request.into_inner();
-        let count = ctx.stream_tasks.enter();
-        // One task per stream; it ends with the stream or on shutdown.
-        tokio::spawn(async move {
-            let _count = count;
-            if let Err(status) =
-                drive(&ctx, proven, peer.clone(), inbound, &tx, SotwStream::new()).await
-            {
-                tracing::warn!(peer = %peer, "xDS stream refused: {}", status.message());
-                let _ = tx.send(Err(status)).await;
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        self.open(request, SotwStream::new())
     }
 
     async fn delta_aggregated_resources(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        self.open(request, DeltaStream::new())
+    }
+}
+
+impl AdsService {
+    /// Authenticate the connection, then serve the stream with `proto` on
+    /// its own task (it ends with the stream or on shutdown).
+    fn open<P: Protocol + 'static>(
+        &self,
+        request: Request<Streaming<P::Req>>,
+        proto: P,
+    ) -> Result<Response<ResponseStream<P::Resp>>, Status> {
         let peer = request
             .remote_addr()
             .map(|a| a.to_string())
@@ -168,18 +157,14 @@ impl AggregatedDiscoveryService for AdsService {
         let count = ctx.stream_tasks.enter();
         tokio::spawn(async move {
             let _count = count;
-            if let Err(status) =
-                drive(&ctx, proven, peer.clone(), inbound, &tx, DeltaStream::new()).await
-            {
-                tracing::warn!(peer = %peer, "delta xDS stream refused: {}", status.message());
+            if let Err(status) = drive(&ctx, proven, peer.clone(), inbound, &tx, proto).await {
+                tracing::warn!(peer = %peer, protocol = P::NAME, "xDS stream refused: {}", status.message());
                 let _ = tx.send(Err(status)).await;
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
-}
 
-impl AdsService {
     fn authenticate<T>(&self, request: &Request<T>, peer: &str) -> Result<Proven, Status> {
         let refuse = |reason: &'static str, msg: String| {
             self.ctx
