@@ -18,6 +18,10 @@ const TLS_TEMPLATE: &str = include_str!("../envoy/xds-tls.yaml");
 
 /// File names written into the output directory.
 pub const BOOTSTRAP_FILE: &str = "envoy.yaml";
+
+/// Port of Envoy's admin listener unless `--envoy-admin` says otherwise
+/// (Istio's number; `ward redirect-init` leaves it unredirected).
+pub const DEFAULT_ENVOY_ADMIN_PORT: u16 = 15000;
 pub const CERT_FILE: &str = "xds-client.crt";
 pub const KEY_FILE: &str = "xds-client.key";
 pub const CA_FILE: &str = "xds-ca.crt";
@@ -150,7 +154,7 @@ pub fn write(
         .ok_or_else(|| BootstrapError::UnknownPod(opts.pod.clone()))?;
     let admin = opts
         .envoy_admin
-        .unwrap_or_else(|| SocketAddr::new(workload.ip, 15000));
+        .unwrap_or_else(|| SocketAddr::new(workload.ip, DEFAULT_ENVOY_ADMIN_PORT));
     let credential = match (opts.insecure, xds_ca) {
         (false, Some(ca)) => Some(issue_credential(
             ca,

@@ -45,6 +45,7 @@ pub mod metrics;
 pub mod model;
 pub mod policy;
 pub mod probe;
+pub mod redirect_init;
 pub mod sample_app;
 pub mod translate;
 pub mod xds;

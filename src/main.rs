@@ -32,6 +32,10 @@ enum Command {
     /// Init container: get this pod's xDS credential from Ward with its
     /// service-account token and write the bootstrap (Kubernetes).
     SidecarInit(SidecarInitArgs),
+    /// Init container for pods annotated `ward.io/interception: redirect`:
+    /// iptables rules that send the pod's TCP traffic through its sidecar
+    /// (needs NET_ADMIN and NET_RAW, uid 0).
+    RedirectInit(RedirectInitArgs),
     /// Bring up a local mesh on loopback with real Envoy sidecars and verify mTLS.
     Demo(ward::demo::DemoArgs),
     /// Show connected proxies and what they ACKed (from a running Ward's admin API).
@@ -267,6 +271,32 @@ struct DescribeServiceArgs {
 }
 
 #[derive(Args)]
+struct RedirectInitArgs {
+    /// The sidecar's uid: its own connections are not redirected.
+    #[arg(long, default_value_t = ward::redirect_init::ENVOY_UID)]
+    proxy_uid: u32,
+    /// The sidecar's gid, exempt as well.
+    #[arg(long, default_value_t = ward::redirect_init::ENVOY_UID)]
+    proxy_gid: u32,
+    /// Incoming ports not redirected (comma-separated; Envoy's admin port by default).
+    #[arg(long, default_value = "15000", value_parser = ward::redirect_init::parse_ports)]
+    exclude_inbound_ports: std::vec::Vec<u16>,
+    /// Outgoing destination ports not redirected (comma-separated).
+    #[arg(long, default_value = "", value_parser = ward::redirect_init::parse_ports)]
+    exclude_outbound_ports: std::vec::Vec<u16>,
+    /// Outgoing destinations not redirected (comma-separated IPv4 CIDRs).
+    #[arg(long, default_value = "", value_parser = ward::redirect_init::parse_cidrs)]
+    exclude_outbound_cidrs: std::vec::Vec<ipnet::Ipv4Net>,
+    /// iptables command (`iptables`, `iptables-legacy`, `iptables-nft`);
+    /// `<command>-restore` must exist beside it.
+    #[arg(long, default_value = "iptables")]
+    iptables: String,
+    /// Print the rules instead of applying them.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+#[derive(Args)]
 struct SampleAppArgs {
     #[arg(long)]
     listen: SocketAddr,
@@ -275,6 +305,23 @@ struct SampleAppArgs {
     /// URL to call on GET /call.
     #[arg(long)]
     upstream: Option<String>,
+}
+
+fn redirect_init(a: RedirectInitArgs) -> anyhow::Result<()> {
+    let rules = ward::redirect_init::RedirectRules {
+        proxy_uid: a.proxy_uid,
+        proxy_gid: a.proxy_gid,
+        exclude_inbound_ports: a.exclude_inbound_ports,
+        exclude_outbound_ports: a.exclude_outbound_ports,
+        exclude_outbound_cidrs: a.exclude_outbound_cidrs,
+    };
+    if a.dry_run {
+        print!("{}", rules.restore_input(&ward::redirect_init::JUMPS));
+        return Ok(());
+    }
+    let applied = rules.apply(&a.iptables)?;
+    tracing::info!(rules = %applied, "traffic redirection installed");
+    Ok(())
 }
 
 fn init_tracing() {
@@ -293,6 +340,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve(a) => serve(*a).await,
         Command::Bootstrap(a) => bootstrap(a),
         Command::SidecarInit(a) => sidecar_init(a).await,
+        Command::RedirectInit(a) => redirect_init(a),
         Command::Demo(a) => ward::demo::run(a).await,
         Command::Status(a) => status(a).await,
         Command::Ca {

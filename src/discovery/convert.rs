@@ -15,9 +15,13 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::objects::{KubeObject, ObjectKind, ObjectSet};
-use super::{APP_IP_ANNOTATION, ConfigError, OUTBOUND_IP_ANNOTATION, SERVICE_NAME_LABEL};
+use super::{
+    APP_IP_ANNOTATION, ConfigError, INTERCEPTION_ANNOTATION, OUTBOUND_IP_ANNOTATION,
+    SERVICE_NAME_LABEL,
+};
 use crate::model::{
-    ContainerPort, Endpoint, Mesh, ObjectKey, Protocol, Service, ServicePort, TargetPort, Workload,
+    ContainerPort, Endpoint, Interception, Mesh, ObjectKey, Protocol, Service, ServicePort,
+    TargetPort, Workload,
 };
 
 /// The namespace of an object that names none, as `kubectl apply` assumes.
@@ -250,6 +254,7 @@ pub fn convert_service(key: &ObjectKey, svc: &KubeService) -> Result<Service, Ve
             protocol: Protocol::detect(p.app_protocol.as_deref(), p.name.as_deref()),
         });
     }
+    let cluster_ips = cluster_ips(spec, &err, &mut errors);
     if !errors.is_empty() {
         return Err(errors);
     }
@@ -258,7 +263,42 @@ pub fn convert_service(key: &ObjectKey, svc: &KubeService) -> Result<Service, Ve
         key: key.clone(),
         ports,
         selector: spec.and_then(|s| s.selector.clone()).unwrap_or_default(),
+        cluster_ips,
     })
+}
+
+/// `spec.clusterIPs` (falling back to `spec.clusterIP`), without the
+/// headless marker `None`; sorted and deduplicated.
+fn cluster_ips(
+    spec: Option<&k8s_openapi::api::core::v1::ServiceSpec>,
+    err: &impl Fn(String, String) -> ConfigError,
+    errors: &mut Vec<ConfigError>,
+) -> Vec<IpAddr> {
+    let Some(spec) = spec else {
+        return Vec::new();
+    };
+    let raw: Vec<(String, &str)> = match (&spec.cluster_ips, &spec.cluster_ip) {
+        (Some(ips), _) if !ips.is_empty() => ips
+            .iter()
+            .enumerate()
+            .map(|(i, ip)| (format!("spec.clusterIPs[{i}]"), ip.as_str()))
+            .collect(),
+        (_, Some(ip)) => vec![("spec.clusterIP".to_string(), ip.as_str())],
+        _ => Vec::new(),
+    };
+    let mut ips = Vec::new();
+    for (field, ip) in raw {
+        if ip.is_empty() || ip == "None" {
+            continue;
+        }
+        match parse_ip(ip) {
+            Ok(ip) => ips.push(ip),
+            Err(m) => errors.push(err(field, m)),
+        }
+    }
+    ips.sort();
+    ips.dedup();
+    ips
 }
 
 /// A Kubernetes Pod as a model Workload. `Ok(None)` for pods that are not
@@ -302,6 +342,23 @@ pub fn convert_pod(key: &ObjectKey, pod: &Pod) -> Result<Option<Workload>, Vec<C
         .map_err(|e| errors.push(e))
         .ok()
         .flatten();
+
+    let interception = match pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(INTERCEPTION_ANNOTATION))
+    {
+        None => Interception::Explicit,
+        Some(v) => Interception::parse(v).unwrap_or_else(|| {
+            errors.push(ConfigError::new(
+                &object,
+                format!("metadata.annotations[{INTERCEPTION_ANNOTATION:?}]"),
+                format!("{v:?} is not an interception mode (explicit or redirect)"),
+            ));
+            Interception::Explicit
+        }),
+    };
 
     let mut ports = Vec::new();
     let containers = pod
@@ -348,8 +405,15 @@ pub fn convert_pod(key: &ObjectKey, pod: &Pod) -> Result<Option<Workload>, Vec<C
         ip,
         ready,
         ports,
-        app_ip: app_ip.unwrap_or(DEFAULT_APP_IP),
+        // With redirected traffic the sidecar forwards to the pod IP, where
+        // a Kubernetes app listens (on it or on 0.0.0.0); its own connection
+        // is not redirected again (iptables exempts the proxy's uid).
+        app_ip: app_ip.unwrap_or(match interception {
+            Interception::Explicit => DEFAULT_APP_IP,
+            Interception::Redirect => ip,
+        }),
         outbound_ip: outbound_ip.unwrap_or(ip),
+        interception,
     }))
 }
 
@@ -725,6 +789,66 @@ spec:
         let out = convert_service(&key("demo/dns"), &s).unwrap();
         assert_eq!(out.ports.len(), 1);
         assert_eq!(out.ports[0].name, "dns-tcp");
+    }
+
+    #[test]
+    fn cluster_ips_are_read_and_headless_has_none() {
+        let s = |spec: &str| {
+            svc(&format!(
+                "metadata: {{name: s}}\nspec: {{ports: [{{port: 80}}], {spec}}}"
+            ))
+        };
+        let ips = |spec: &str| {
+            convert_service(&key("demo/s"), &s(spec))
+                .unwrap()
+                .cluster_ips
+        };
+        assert_eq!(ips("clusterIP: 10.96.0.20"), vec![ip("10.96.0.20")]);
+        assert_eq!(
+            ips("clusterIP: 10.96.0.20, clusterIPs: [fd00::20, 10.96.0.20]"),
+            vec![ip("10.96.0.20"), ip("fd00::20")],
+            "clusterIPs wins, sorted"
+        );
+        assert_eq!(ips("clusterIP: None"), Vec::<IpAddr>::new());
+        assert_eq!(ips("selector: {app: s}"), Vec::<IpAddr>::new());
+        let errs =
+            convert_service(&key("demo/s"), &s("clusterIPs: [10.96.0.20, nope]")).unwrap_err();
+        assert_eq!(
+            error_strings(&errs),
+            vec!["Service demo/s: spec.clusterIPs[1]: \"nope\" is not an IP address".to_string()]
+        );
+    }
+
+    #[test]
+    fn interception_annotation() {
+        let p = |annotations: &str| {
+            pod(&format!(
+                "metadata: {{name: p, annotations: {{{annotations}}}}}\nspec: {{containers: [{{name: a}}]}}\nstatus: {{podIP: 10.0.0.7}}"
+            ))
+        };
+        let w = |annotations: &str| convert_pod(&key("demo/p"), &p(annotations));
+        let redirect = w("ward.io/interception: redirect").unwrap().unwrap();
+        assert_eq!(redirect.interception, Interception::Redirect);
+        assert_eq!(
+            redirect.app_ip,
+            ip("10.0.0.7"),
+            "redirected: the app is on the pod IP"
+        );
+        let pinned = w("ward.io/interception: Redirect, ward.io/app-ip: 127.0.0.1")
+            .unwrap()
+            .unwrap();
+        assert_eq!(pinned.app_ip, ip("127.0.0.1"), "the annotation still wins");
+        let explicit = w("ward.io/interception: explicit").unwrap().unwrap();
+        assert_eq!(explicit.interception, Interception::Explicit);
+        assert_eq!(explicit.app_ip, ip("127.0.0.1"));
+        assert_eq!(
+            error_strings(&w("ward.io/interception: iptables").unwrap_err()),
+            vec![
+                "Pod demo/p: metadata.annotations[\"ward.io/interception\"]: \"iptables\" is not \
+                 an interception mode (explicit or redirect)"
+                    .to_string()
+            ]
+        );
     }
 
     #[test]

@@ -50,11 +50,16 @@ pub use objects::{KubeObject, ObjectCounts, ObjectKind, ObjectSet};
 /// produce errors.
 pub const POLICY_LABEL: &str = "ward.io/policy";
 
-/// Annotation: where the local application listens (default `127.0.0.1`).
+/// Annotation: where the local application listens (default `127.0.0.1`, or
+/// the pod IP with redirected traffic).
 pub const APP_IP_ANNOTATION: &str = "ward.io/app-ip";
 
 /// Annotation: where the sidecar's outbound listeners bind (default the pod IP).
 pub const OUTBOUND_IP_ANNOTATION: &str = "ward.io/outbound-ip";
+
+/// Annotation: how the pod's traffic reaches its sidecar, `explicit`
+/// (default) or `redirect` (iptables set up by `ward redirect-init`).
+pub const INTERCEPTION_ANNOTATION: &str = "ward.io/interception";
 
 /// Label by which an EndpointSlice names its Service (set by Kubernetes).
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";

@@ -170,6 +170,12 @@ pub struct Service {
     /// Empty selector = the Service has no selector (endpoints come only
     /// from EndpointSlices).
     pub selector: BTreeMap<String, String>,
+    /// `spec.clusterIPs` (or `spec.clusterIP`): the virtual addresses apps
+    /// call. Sidecars with redirected traffic ([`Interception::Redirect`])
+    /// recognise a call to the service by its original destination
+    /// `clusterIP:port`. Empty for headless Services and hand-written YAML
+    /// without one.
+    pub cluster_ips: Vec<IpAddr>,
 }
 
 impl Service {
@@ -225,6 +231,44 @@ pub struct Workload {
     /// port at `outbound_ip:<service port>`. Annotation `ward.io/outbound-ip`,
     /// default the pod IP.
     pub outbound_ip: IpAddr,
+    /// How the app's traffic reaches the sidecar. Annotation
+    /// `ward.io/interception`, default explicit.
+    pub interception: Interception,
+}
+
+/// How a pod's traffic reaches its sidecar, which decides the shape of its
+/// listeners.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Interception {
+    /// No packet redirection: the sidecar listens on `ip:<target port>` for
+    /// mesh traffic and on `outbound_ip:<service port>` for the app's
+    /// calls, so the app calls its sidecar's address.
+    #[default]
+    Explicit,
+    /// `ward redirect-init` redirected the pod's TCP traffic with iptables:
+    /// everything the app sends goes to the sidecar's port 15001, everything
+    /// arriving at the pod to port 15006, and the sidecar finds the real
+    /// destination with `original_dst`. The app calls services by name.
+    Redirect,
+}
+
+impl Interception {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Interception::Explicit => "explicit",
+            Interception::Redirect => "redirect",
+        }
+    }
+
+    /// `explicit` or `redirect` (case-insensitive); `None` for anything else.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "explicit" => Some(Interception::Explicit),
+            "redirect" => Some(Interception::Redirect),
+            _ => None,
+        }
+    }
 }
 
 impl Workload {
@@ -577,6 +621,7 @@ mod tests {
             }],
             app_ip: "127.0.0.1".parse().unwrap(),
             outbound_ip: "127.0.0.10".parse().unwrap(),
+            interception: Default::default(),
         }
     }
 
@@ -586,6 +631,7 @@ mod tests {
             key: ObjectKey::new("demo", "server"),
             ports: vec![],
             selector: [("app".to_string(), "server".to_string())].into(),
+            cluster_ips: Vec::new(),
         };
         assert!(svc.selects(&workload(
             "demo",
@@ -597,6 +643,7 @@ mod tests {
         assert!(!svc.selects(&workload("demo", "c-1", "client", &[("app", "client")])));
         let no_selector = Service {
             selector: BTreeMap::new(),
+            cluster_ips: Vec::new(),
             ..svc
         };
         assert!(!no_selector.selects(&workload("demo", "s-1", "server", &[("app", "server")])));

@@ -356,6 +356,7 @@ mod tests {
                         },
                     ],
                     selector: BTreeMap::new(),
+                    cluster_ips: Vec::new(),
                 },
             );
         }

@@ -576,6 +576,7 @@ mod tests {
                     protocol: Protocol::Http,
                 }],
                 selector: [("app".to_string(), "server".to_string())].into(),
+                cluster_ips: Vec::new(),
             },
         );
         let w = Workload {
@@ -587,6 +588,7 @@ mod tests {
             ports: vec![],
             app_ip: "127.0.5.250".parse().unwrap(),
             outbound_ip: "127.0.4.250".parse().unwrap(),
+            interception: crate::model::Interception::Explicit,
         };
         m.workloads.insert(w.key.clone(), w);
         if let Some(mode) = mode {

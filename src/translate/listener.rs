@@ -39,6 +39,7 @@ pub const HTTP_CONNECTION_MANAGER: &str = "envoy.filters.network.http_connection
 pub const TCP_PROXY: &str = "envoy.filters.network.tcp_proxy";
 pub const ROUTER: &str = "envoy.filters.http.router";
 pub const TLS_INSPECTOR: &str = "envoy.filters.listener.tls_inspector";
+pub const ORIGINAL_DST: &str = "envoy.filters.listener.original_dst";
 
 /// Filter chain names of an inbound listener (see the module table).
 pub mod chain {
@@ -67,7 +68,7 @@ pub fn outbound_stat_prefix(service: &ObjectKey, port: u16) -> String {
     format!("outbound_{}_{}_{port}", service.namespace, service.name).replace(['.', '|'], "_")
 }
 
-fn http_connection_manager(stat_prefix: &str, route: &str, inbound: bool) -> Filter {
+pub(super) fn http_connection_manager(stat_prefix: &str, route: &str, inbound: bool) -> Filter {
     let mut hcm = HttpConnectionManager {
         codec_type: http_connection_manager::CodecType::Auto as i32,
         stat_prefix: stat_prefix.to_string(),
@@ -102,7 +103,7 @@ fn http_connection_manager(stat_prefix: &str, route: &str, inbound: bool) -> Fil
     }
 }
 
-fn tcp_proxy(stat_prefix: &str, cluster: &str) -> Filter {
+pub(super) fn tcp_proxy(stat_prefix: &str, cluster: &str) -> Filter {
     let proxy = TcpProxy {
         stat_prefix: stat_prefix.to_string(),
         cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.to_string())),

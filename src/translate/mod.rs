@@ -108,6 +108,7 @@ pub mod consistency;
 pub mod endpoint;
 pub mod listener;
 pub mod proxy;
+pub mod redirect;
 pub mod route;
 pub mod secret;
 pub mod tls;

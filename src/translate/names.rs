@@ -15,6 +15,38 @@ pub const XDS_CLUSTER: &str = "ward-xds";
 /// PERMISSIVE server tell mesh mTLS apart from an application's own TLS.
 pub const MESH_ALPN: &str = "ward-mtls";
 
+/// Port the sidecar of a pod with redirected traffic takes the app's
+/// outgoing TCP on (iptables `REDIRECT` in the pod's `OUTPUT` chain). Same
+/// number as Istio, so existing exclusion lists keep working.
+pub const REDIRECT_OUTBOUND_PORT: u16 = 15001;
+/// Port the sidecar of a pod with redirected traffic takes incoming TCP on
+/// (iptables `REDIRECT` in the pod's `PREROUTING` chain).
+pub const REDIRECT_INBOUND_PORT: u16 = 15006;
+/// The one outbound listener of a pod with redirected traffic.
+pub const VIRTUAL_OUTBOUND_LISTENER: &str = "virtual-outbound";
+/// The one inbound listener of a pod with redirected traffic.
+pub const VIRTUAL_INBOUND_LISTENER: &str = "virtual-inbound";
+/// Cluster for redirected outgoing traffic that is not to a mesh service:
+/// forwarded, untouched, to where the app sent it. Istio's name.
+pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
+/// Cluster for redirected incoming traffic to a port no mesh service
+/// targets: forwarded, untouched, to the app.
+pub const INBOUND_PASSTHROUGH_CLUSTER: &str = "InboundPassthroughCluster";
+/// Cluster with no endpoints: connections made straight to the sidecar's
+/// redirect ports end there instead of looping through the sidecar.
+pub const BLACKHOLE_CLUSTER: &str = "BlackHoleCluster";
+
+/// Filter chain of the virtual outbound listener toward one service port.
+pub fn outbound_chain(service: &ObjectKey, port: u16) -> String {
+    outbound_listener(service, port)
+}
+
+/// Filter chain of the virtual inbound listener: `chain` (see
+/// `listener::chain`) on one target port.
+pub fn inbound_chain(target_port: u16, chain: &str) -> String {
+    format!("{target_port}|{chain}")
+}
+
 /// Inbound listener for a target port on the pod IP.
 pub fn inbound_listener(target_port: u16) -> String {
     format!("inbound|{target_port}")

@@ -12,9 +12,9 @@ use std::sync::Arc;
 
 use super::{
     ProxyResources, Resource, ResourceMap, TranslateError, cluster, endpoint, listener, names,
-    route, type_url,
+    redirect, route, type_url,
 };
-use crate::model::{Mesh, MtlsMode, ObjectKey, Protocol, Workload};
+use crate::model::{Interception, Mesh, MtlsMode, ObjectKey, Protocol, Workload};
 
 /// The per-mesh part of every proxy's configuration, encoded once.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -149,6 +149,54 @@ fn overlaps(a: (IpAddr, u16), b: (IpAddr, u16)) -> bool {
     a.1 == b.1 && (a.0 == b.0 || a.0.is_unspecified() || b.0.is_unspecified())
 }
 
+/// Listeners of a pod without redirection: one inbound listener per target
+/// port on the pod IP, one outbound listener per service port on the
+/// outbound IP (skipped where it would collide with a bound address).
+fn explicit_listeners(
+    mesh: &Mesh,
+    w: &Workload,
+    trust_domain: &str,
+    inbound: &BTreeMap<u16, InboundPort>,
+    listeners: &mut ResourceMap,
+    warnings: &mut Vec<String>,
+) {
+    // Bound addresses so far, with the listener holding each.
+    let mut bound: Vec<((IpAddr, u16), String)> = Vec::new();
+    for (&target, &InboundPort { protocol, mode }) in inbound {
+        let name = names::inbound_listener(target);
+        insert(
+            listeners,
+            Resource::new(
+                &name,
+                listener::inbound(w.ip, trust_domain, target, protocol, mode),
+            ),
+        );
+        bound.push(((w.ip, target), name));
+    }
+    for svc in mesh.services.values() {
+        for port in &svc.ports {
+            let name = names::outbound_listener(&svc.key, port.port);
+            let addr = (w.outbound_ip, port.port);
+            if let Some((held, holder)) = bound.iter().find(|(a, _)| overlaps(*a, addr)) {
+                warnings.push(format!(
+                    "pod {}: outbound listener {name} skipped: {}:{} collides with listener \
+                     {holder} on {}:{}",
+                    w.key, addr.0, addr.1, held.0, held.1
+                ));
+                continue;
+            }
+            insert(
+                listeners,
+                Resource::new(
+                    &name,
+                    listener::outbound(addr.0, &svc.key, port.port, port.protocol),
+                ),
+            );
+            bound.push((addr, name));
+        }
+    }
+}
+
 /// Resources of the sidecar of pod `proxy`, reusing the shared part.
 ///
 /// `shared` must come from [`mesh_resources`] on the same `mesh`; a
@@ -174,19 +222,9 @@ pub fn proxy_resources_with(
     let endpoints = shared.endpoints.clone();
     let mut routes = shared.routes.clone();
     let mut listeners = ResourceMap::new();
-    // Bound addresses so far, with the listener holding each.
-    let mut bound: Vec<((IpAddr, u16), String)> = Vec::new();
 
-    for (target, InboundPort { protocol, mode }) in inbound_ports(mesh, w, &mut warnings) {
-        let name = names::inbound_listener(target);
-        insert(
-            &mut listeners,
-            Resource::new(
-                &name,
-                listener::inbound(w.ip, trust_domain, target, protocol, mode),
-            ),
-        );
-        bound.push(((w.ip, target), name));
+    let inbound = inbound_ports(mesh, w, &mut warnings);
+    for (&target, &InboundPort { protocol, .. }) in &inbound {
         let cluster_name = names::inbound_cluster(target);
         insert(
             &mut clusters,
@@ -203,27 +241,62 @@ pub fn proxy_resources_with(
             );
         }
     }
-
-    for svc in mesh.services.values() {
-        for port in &svc.ports {
-            let name = names::outbound_listener(&svc.key, port.port);
-            let addr = (w.outbound_ip, port.port);
-            if let Some((held, holder)) = bound.iter().find(|(a, _)| overlaps(*a, addr)) {
-                warnings.push(format!(
-                    "pod {}: outbound listener {name} skipped: {}:{} collides with listener \
-                     {holder} on {}:{}",
-                    w.key, addr.0, addr.1, held.0, held.1
-                ));
-                continue;
-            }
+    match w.interception {
+        Interception::Explicit => explicit_listeners(
+            mesh,
+            w,
+            trust_domain,
+            &inbound,
+            &mut listeners,
+            &mut warnings,
+        ),
+        Interception::Redirect => {
+            let targets: Vec<redirect::InboundTarget> = inbound
+                .iter()
+                .map(|(&port, p)| redirect::InboundTarget {
+                    port,
+                    protocol: p.protocol,
+                    mode: p.mode,
+                })
+                .collect();
+            let mut redirect_warnings = Vec::new();
             insert(
                 &mut listeners,
                 Resource::new(
-                    &name,
-                    listener::outbound(addr.0, &svc.key, port.port, port.protocol),
+                    names::VIRTUAL_INBOUND_LISTENER,
+                    redirect::inbound_listener(
+                        w.ip,
+                        trust_domain,
+                        &targets,
+                        &mut redirect_warnings,
+                    ),
                 ),
             );
-            bound.push((addr, name));
+            insert(
+                &mut listeners,
+                Resource::new(
+                    names::VIRTUAL_OUTBOUND_LISTENER,
+                    redirect::outbound_listener(mesh, &mut redirect_warnings),
+                ),
+            );
+            warnings.extend(
+                redirect_warnings
+                    .into_iter()
+                    .map(|m| format!("pod {}: {m}", w.key)),
+            );
+            for name in [
+                names::PASSTHROUGH_CLUSTER,
+                names::INBOUND_PASSTHROUGH_CLUSTER,
+            ] {
+                insert(
+                    &mut clusters,
+                    Resource::new(name, redirect::original_dst_cluster(name)),
+                );
+            }
+            insert(
+                &mut clusters,
+                Resource::new(names::BLACKHOLE_CLUSTER, redirect::blackhole_cluster()),
+            );
         }
     }
 

@@ -42,6 +42,7 @@ fn pod(name: &str, sa: &str, ip: &str, app_ip: &str, ports: &[(&str, u16)]) -> W
             .collect(),
         app_ip: app_ip.parse().unwrap(),
         outbound_ip: ip.parse().unwrap(),
+        interception: Default::default(),
     }
 }
 
@@ -59,6 +60,7 @@ fn service(name: &str, port: u16, port_name: &str, target: TargetPort, selector:
         } else {
             BTreeMap::new()
         },
+        cluster_ips: Vec::new(),
     }
 }
 
@@ -357,6 +359,13 @@ fn pool() -> DescriptorPool {
                     vec![],
                 )],
             )],
+        ),
+        // Redirected pods' listeners; Ward sets no field of it.
+        file(
+            "envoy/extensions/filters/listener/original_dst/v3/original_dst.proto",
+            "envoy.extensions.filters.listener.original_dst.v3",
+            &[],
+            vec![msg("OriginalDst", vec![], vec![])],
         ),
     ];
     for f in files {
@@ -909,4 +918,206 @@ fn two_modes_on_one_target_port_take_the_stricter_with_a_warning() {
         .map(|c| c["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["mtls", "mtls-other-alpn"]);
+}
+
+// ------------------------------------------------------ redirected traffic
+
+/// The test mesh with cluster IPs, `server-0` and `client-0` redirected.
+fn redirect_mesh() -> Mesh {
+    let mut mesh = test_mesh();
+    for (svc, ip) in [("server", "10.96.0.20"), ("db", "10.96.0.30")] {
+        mesh.services.get_mut(&key(svc)).unwrap().cluster_ips = vec![ip.parse().unwrap()];
+    }
+    for p in ["server-0", "client-0"] {
+        let w = mesh.workloads.get_mut(&key(p)).unwrap();
+        w.interception = crate::model::Interception::Redirect;
+        w.app_ip = w.ip;
+    }
+    mesh
+}
+
+fn listener_names(res: &ProxyResources) -> Vec<String> {
+    res.get(type_url::LISTENER)
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn golden_redirect_server() {
+    let t = translate(&redirect_mesh(), "server-0");
+    assert_eq!(t.warnings, Vec::<String>::new());
+    let mut out = serde_json::Map::new();
+    for name in [
+        names::VIRTUAL_INBOUND_LISTENER,
+        names::VIRTUAL_OUTBOUND_LISTENER,
+    ] {
+        out.insert(
+            name.into(),
+            resource_json(&t.resources, type_url::LISTENER, name),
+        );
+    }
+    for name in [
+        names::PASSTHROUGH_CLUSTER,
+        names::INBOUND_PASSTHROUGH_CLUSTER,
+        names::BLACKHOLE_CLUSTER,
+        "inbound|8080|local",
+    ] {
+        out.insert(
+            name.into(),
+            resource_json(&t.resources, type_url::CLUSTER, name),
+        );
+    }
+    insta::assert_json_snapshot!("redirect_server", serde_json::Value::Object(out));
+}
+
+#[test]
+fn redirected_pods_get_only_the_two_virtual_listeners() {
+    let mesh = redirect_mesh();
+    let server = translate(&mesh, "server-0").resources;
+    assert_eq!(
+        listener_names(&server),
+        vec![
+            "virtual-inbound".to_string(),
+            "virtual-outbound".to_string()
+        ]
+    );
+    // The shared outbound clusters, endpoints and routes are those of any
+    // other proxy: redirection changes listeners and adds three clusters.
+    let explicit = translate(&mesh, "db-0").resources;
+    assert_eq!(
+        server.get(type_url::ENDPOINT),
+        explicit.get(type_url::ENDPOINT)
+    );
+    let clusters = |r: &ProxyResources| -> Vec<String> {
+        r.get(type_url::CLUSTER).unwrap().keys().cloned().collect()
+    };
+    let mut expected = clusters(&explicit);
+    expected.retain(|c| !c.starts_with("inbound|"));
+    expected.extend(
+        [
+            "BlackHoleCluster",
+            "InboundPassthroughCluster",
+            "PassthroughCluster",
+            "inbound|8080|local",
+        ]
+        .map(String::from),
+    );
+    expected.sort();
+    assert_eq!(clusters(&server), expected);
+    // The explicit-mode pod in the same mesh is unchanged by its
+    // neighbours' redirection.
+    assert!(listener_names(&explicit).contains(&"inbound|5432".to_string()));
+    assert!(translate(&mesh, "client-0").warnings.is_empty());
+    for pod in ["server-0", "client-0", "db-0"] {
+        let t = translate(&mesh, pod);
+        check_consistency(&t.resources, &[names::WORKLOAD_CERT, names::TRUST_BUNDLE])
+            .unwrap_or_else(|e| panic!("{pod}: {e}"));
+    }
+}
+
+#[test]
+fn virtual_outbound_matches_cluster_ips_and_skips_headless_and_duplicates() {
+    use envoy_types::pb::envoy::config::listener::v3::Listener;
+    let mut mesh = redirect_mesh();
+    // `external` has no cluster IP (headless): reached through passthrough.
+    // A second service claiming server's cluster IP and port.
+    let mut dup = service("copy", 80, "http", TargetPort::Number(80), false);
+    dup.cluster_ips = vec!["10.96.0.20".parse().unwrap(), "10.96.0.21".parse().unwrap()];
+    mesh.services.insert(dup.key.clone(), dup);
+    let t = translate(&mesh, "client-0");
+    let l: Listener = get(&t.resources, type_url::LISTENER, "virtual-outbound");
+    let chains: Vec<(String, Vec<String>, u32)> = l
+        .filter_chains
+        .iter()
+        .map(|c| {
+            let m = c.filter_chain_match.clone().unwrap();
+            (
+                c.name.clone(),
+                m.prefix_ranges
+                    .iter()
+                    .map(|r| format!("{}/{}", r.address_prefix, r.prefix_len.unwrap().value))
+                    .collect(),
+                m.destination_port.unwrap().value,
+            )
+        })
+        .collect();
+    assert_eq!(
+        chains,
+        vec![
+            // "copy" sorts first and takes both of its IPs ...
+            (
+                "outbound|demo|copy|80".to_string(),
+                vec!["10.96.0.20/32".to_string(), "10.96.0.21/32".to_string()],
+                80
+            ),
+            (
+                "outbound|demo|db|5432".to_string(),
+                vec!["10.96.0.30/32".to_string()],
+                5432
+            ),
+            // ... so "server" has none left on port 80 and gets no chain.
+            ("blackhole|15001".to_string(), vec![], 15001),
+        ]
+    );
+    assert_eq!(
+        t.warnings,
+        vec![
+            "pod demo/client-0: service demo/server port 80: a cluster IP is also another \
+             service's; calls to it go to the first service by name"
+                .to_string()
+        ]
+    );
+    let default = l.default_filter_chain.unwrap();
+    assert_eq!(default.name, "passthrough");
+}
+
+#[test]
+fn virtual_inbound_restricts_every_mode_chain_to_its_target_port() {
+    use crate::model::{MtlsMode, PortPolicy};
+    use envoy_types::pb::envoy::config::listener::v3::Listener;
+    let mesh = with_policy(
+        redirect_mesh(),
+        "server",
+        80,
+        PortPolicy::converged(MtlsMode::Strict),
+    );
+    let t = translate(&mesh, "server-0");
+    let l: Listener = get(&t.resources, type_url::LISTENER, "virtual-inbound");
+    let chains: Vec<(String, u32, String, Vec<String>)> = l
+        .filter_chains
+        .iter()
+        .map(|c| {
+            let m = c.filter_chain_match.clone().unwrap();
+            (
+                c.name.clone(),
+                m.destination_port.unwrap().value,
+                m.transport_protocol,
+                m.application_protocols,
+            )
+        })
+        .collect();
+    assert_eq!(
+        chains,
+        vec![
+            (
+                "8080|mtls".into(),
+                8080,
+                "tls".into(),
+                vec!["ward-mtls".into()]
+            ),
+            ("8080|mtls-other-alpn".into(), 8080, "tls".into(), vec![]),
+            ("blackhole|15006".into(), 15006, String::new(), vec![]),
+        ]
+    );
+    // original_dst must run before the TLS inspector.
+    let filters: Vec<&str> = l.listener_filters.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(
+        filters,
+        vec![
+            "envoy.filters.listener.original_dst",
+            "envoy.filters.listener.tls_inspector"
+        ]
+    );
 }

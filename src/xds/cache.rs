@@ -846,6 +846,7 @@ mod tests {
                         key,
                         ports: vec![],
                         selector: Default::default(),
+                        cluster_ips: Vec::new(),
                     },
                 );
             }
