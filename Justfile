@@ -21,10 +21,29 @@ serve DIR="examples/local-mesh" *ARGS:
     cargo run --quiet -- serve --config-dir {{DIR}} {{ARGS}}
 
 # The whole test suite: formatting, lints, unit, integration and real-Envoy end-to-end tests.
-test: lint
+test: lint system-deps
     test -x "$ENVOY_BIN" || { echo "Envoy not found at $ENVOY_BIN: run ./dev (it installs it)"; exit 1; }
     # Benches are type-checked by clippy above and run with `just bench`.
     cargo test --lib --bins --tests --no-fail-fast
+
+# System tools the tests use besides Envoy: openssl (independent TLS checks),
+# ip, iptables and setpriv (the transparent-interception test builds pods in
+# network namespaces). Installed from Debian/Ubuntu packages when missing.
+system-deps:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    missing=()
+    for t in openssl:openssl ip:iproute2 iptables:iptables setpriv:util-linux; do
+      command -v "${t%%:*}" >/dev/null || missing+=("${t##*:}")
+    done
+    [ ${#missing[@]} -eq 0 ] && exit 0
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      echo "system-deps: installing ${missing[*]}" >&2
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    else
+      echo "system-deps: missing ${missing[*]}; install them (as root: apt-get install ${missing[*]})" >&2
+      exit 1
+    fi
 
 # Formatting and clippy, as CI checks them.
 lint:

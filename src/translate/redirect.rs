@@ -15,6 +15,7 @@
 //! |                     | port 15001 (a direct call to the listener)  | `BlackHoleCluster`                   |
 //! |                     | anything else (default chain)               | `PassthroughCluster` (where it was going, untouched) |
 //! | `virtual-inbound`   | target port + the port's mTLS-mode chains (see `listener`) | the inbound cluster (the app)  |
+//! |                     | target port, anything else (STRICT only)    | `BlackHoleCluster` (refused)         |
 //! |                     | port 15006                                  | `BlackHoleCluster`                   |
 //! |                     | anything else (default chain)               | `InboundPassthroughCluster`          |
 //!
@@ -212,6 +213,15 @@ pub fn inbound_listener(
             continue;
         }
         let explicit = listener::inbound(pod_ip, trust_domain, t.port, t.protocol, t.mode);
+        // In the explicit listener a connection no chain matches (plaintext
+        // on a STRICT port) is closed. Here it would fall to the default
+        // chain and reach the app unencrypted, so such a port gets a
+        // catch-all chain of its own that ends it.
+        let has_catch_all = explicit.filter_chains.iter().any(|c| {
+            c.filter_chain_match
+                .as_ref()
+                .is_none_or(|m| m.transport_protocol.is_empty())
+        });
         chains.extend(explicit.filter_chains.into_iter().map(|mut chain| {
             let m = chain
                 .filter_chain_match
@@ -222,6 +232,17 @@ pub fn inbound_listener(
             chain.name = names::inbound_chain(t.port, &chain.name);
             chain
         }));
+        if !has_catch_all {
+            chains.push(FilterChain {
+                name: names::inbound_chain(t.port, "refused"),
+                filter_chain_match: Some(port_match(t.port)),
+                filters: vec![listener::tcp_proxy(
+                    &listener::inbound_chain_stat_prefix(t.port, "refused"),
+                    names::BLACKHOLE_CLUSTER,
+                )],
+                ..Default::default()
+            });
+        }
     }
     chains.push(blackhole_chain(names::REDIRECT_INBOUND_PORT));
     Listener {

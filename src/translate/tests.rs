@@ -1108,6 +1108,8 @@ fn virtual_inbound_restricts_every_mode_chain_to_its_target_port() {
                 vec!["ward-mtls".into()]
             ),
             ("8080|mtls-other-alpn".into(), 8080, "tls".into(), vec![]),
+            // Plaintext must not fall through to the passthrough chain.
+            ("8080|refused".into(), 8080, String::new(), vec![]),
             ("blackhole|15006".into(), 15006, String::new(), vec![]),
         ]
     );
