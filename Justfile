@@ -69,7 +69,8 @@ kind-demo:
     ctx="kind-{{kind_cluster}}"
     k() { kubectl --context "$ctx" "$@"; }
     docker build -t ward:dev .
-    kind load docker-image ward:dev --name {{kind_cluster}}
+    docker build --target redirect-init -t ward-redirect-init:dev .
+    kind load docker-image ward:dev ward-redirect-init:dev --name {{kind_cluster}}
     k apply -k manifests/
     # Short-lived workload certificates so a rotation happens during the demo.
     k -n ward-system patch deployment ward --type json \

@@ -346,3 +346,120 @@ fn demo_init_containers_run_sidecar_init_as_the_cli_defines_it() {
     }
     assert_eq!(seen, 2, "client and server");
 }
+
+/// Every demo pod annotated for redirection has the `ward-redirect` init
+/// container: the redirect-init image, args the binary accepts (its
+/// `--dry-run` prints the rules), NET_ADMIN and NET_RAW and nothing else,
+/// uid 0; its Envoy runs as the uid the rules exempt; the app needs no
+/// sidecar address (it listens on 0.0.0.0 and calls services by name).
+#[test]
+fn redirected_demo_pods_have_the_iptables_init_container() {
+    let p = parse_all();
+    let mut seen = 0;
+    for d in &p.deployments {
+        let template = &d.spec.as_ref().unwrap().template;
+        let annotations = template
+            .metadata
+            .as_ref()
+            .and_then(|m| m.annotations.clone())
+            .unwrap_or_default();
+        if annotations.get("ward.io/interception").map(String::as_str) != Some("redirect") {
+            continue;
+        }
+        seen += 1;
+        let name = d.metadata.name.clone().unwrap_or_default();
+        assert!(
+            !annotations.contains_key("ward.io/outbound-ip"),
+            "{name}: redirected pods need no outbound address"
+        );
+        let spec = template.spec.as_ref().unwrap();
+        let inits = spec.init_containers.as_ref().unwrap();
+        let init = inits
+            .iter()
+            .find(|c| c.name == "ward-redirect")
+            .unwrap_or_else(|| panic!("{name}: no ward-redirect init container"));
+        assert_eq!(init.image.as_deref(), Some("ward-redirect-init:dev"));
+        let args = init.args.clone().unwrap();
+        assert_eq!(args[0], "redirect-init", "{name}");
+        let out = Command::new(env!("CARGO_BIN_EXE_ward"))
+            .args(&args)
+            .arg("--dry-run")
+            .output()
+            .unwrap();
+        let rules = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{name}: {out:?}");
+        let sc = init.security_context.as_ref().unwrap();
+        assert_eq!(sc.run_as_user, Some(0), "{name}");
+        assert_eq!(sc.allow_privilege_escalation, Some(false), "{name}");
+        let caps = sc.capabilities.as_ref().unwrap();
+        assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]));
+        let mut added = caps.add.clone().unwrap();
+        added.sort();
+        assert_eq!(added, vec!["NET_ADMIN", "NET_RAW"], "{name}");
+        let envoy = spec.containers.iter().find(|c| c.name == "envoy").unwrap();
+        let envoy_uid = envoy
+            .security_context
+            .as_ref()
+            .and_then(|s| s.run_as_user)
+            .unwrap();
+        assert!(
+            rules.contains(&format!("--uid-owner {envoy_uid} -j RETURN")),
+            "{name}: the rules must exempt Envoy's uid {envoy_uid}:\n{rules}"
+        );
+        let app = spec.containers.iter().find(|c| c.name == "app").unwrap();
+        let app_args = app.args.clone().unwrap().join(" ");
+        assert!(app_args.contains("--listen=0.0.0.0:"), "{name}: {app_args}");
+        assert!(!app_args.contains("127.0.0.1:9080"), "{name}: {app_args}");
+    }
+    assert_eq!(seen, 2, "client and server demo pods are redirected");
+}
+
+/// The Dockerfile's build stage copies everything Cargo needs to build the
+/// `ward` binary: the manifest's declared targets (cargo refuses to load a
+/// manifest whose bench file is missing) and every `include_str!`ed file.
+#[test]
+fn dockerfile_copies_what_the_build_reads() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+    let copied: BTreeSet<String> = dockerfile
+        .lines()
+        .filter_map(|l| l.strip_prefix("COPY "))
+        .filter(|l| !l.starts_with("--from"))
+        .flat_map(|l| {
+            let parts: Vec<&str> = l.split_whitespace().collect();
+            parts[..parts.len() - 1]
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let mut needed: BTreeSet<String> = ["Cargo.toml", "Cargo.lock", "src", "benches"]
+        .map(String::from)
+        .into();
+    let mut sources = Vec::new();
+    fn rs_files(dir: &Path, out: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                rs_files(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(p);
+            }
+        }
+    }
+    rs_files(&root.join("src"), &mut sources);
+    for f in sources {
+        let text = std::fs::read_to_string(&f).unwrap();
+        for part in text.split("include_str!(\"").skip(1) {
+            let rel = &part[..part.find('"').unwrap()];
+            let abs = f.parent().unwrap().join(rel);
+            let abs = abs.canonicalize().unwrap_or(abs);
+            if let Ok(inside) = abs.strip_prefix(root.canonicalize().unwrap()) {
+                let top = inside.components().next().unwrap();
+                needed.insert(top.as_os_str().to_string_lossy().into_owned());
+            }
+        }
+    }
+    let missing: Vec<_> = needed.difference(&copied).collect();
+    assert!(missing.is_empty(), "Dockerfile does not COPY {missing:?}");
+}
