@@ -124,11 +124,88 @@ fn yaml_docs(path: &Path) -> Vec<Value> {
 #[tokio::test]
 async fn same_objects_give_the_same_mesh_and_envoy_resources_as_directory_mode() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/local-mesh");
-    let (dir_mesh, dir_objects, errors) = DirSource::load_once(&dir).unwrap();
+    same_as_directory_mode(&dir, "demo").await;
+}
+
+/// Pods with redirected traffic and Services with cluster IPs, as the
+/// Kubernetes demo has them: the virtual listeners match too.
+#[tokio::test]
+async fn redirected_pods_get_the_same_virtual_listeners_as_in_directory_mode() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tmp.path().join("mesh.yaml"),
+        r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: cart, namespace: shop}
+spec:
+  clusterIP: 10.96.7.1
+  clusterIPs: [10.96.7.1]
+  selector: {app: cart}
+  ports: [{name: http, port: 80, targetPort: http}, {name: grpc-admin, port: 9000}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: shop}
+spec:
+  clusterIP: None
+  selector: {app: db}
+  ports: [{name: tcp, port: 5432}]
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: cart-0
+  namespace: shop
+  labels: {app: cart}
+  annotations: {ward.io/interception: redirect}
+spec:
+  serviceAccountName: cart
+  containers: [{name: app, image: x, ports: [{name: http, containerPort: 8080}, {containerPort: 9000}]}]
+status: {podIP: 10.244.0.7}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: db-0
+  namespace: shop
+  labels: {app: db}
+spec:
+  serviceAccountName: db
+  containers: [{name: app, image: x, ports: [{containerPort: 5432}]}]
+status: {podIP: 10.244.0.8}
+"#,
+    )
+    .unwrap();
+    let mesh = same_as_directory_mode(tmp.path(), "shop").await;
+    let cart = &mesh.workloads[&key("shop/cart-0")];
+    assert_eq!(cart.interception, ward::model::Interception::Redirect);
+    let listeners = proxy_resources(&mesh, TD, &cart.key).unwrap().by_type
+        [ward::translate::type_url::LISTENER]
+        .keys()
+        .cloned()
+        .collect::<Vec<_>>();
+    assert_eq!(listeners, ["virtual-inbound", "virtual-outbound"]);
+    assert_eq!(
+        mesh.services[&key("shop/cart")].cluster_ips,
+        vec!["10.96.7.1".parse::<std::net::IpAddr>().unwrap()]
+    );
+    assert!(mesh.services[&key("shop/db")].cluster_ips.is_empty());
+}
+
+/// Load `dir` as directory mode does and through the fake API server
+/// (namespace `ns` labelled into the mesh); the meshes and every proxy's
+/// encoded resources must be identical. Returns the mesh.
+async fn same_as_directory_mode(dir: &Path, ns: &str) -> Arc<Mesh> {
+    let (dir_mesh, dir_objects, errors) = DirSource::load_once(dir).unwrap();
     assert!(errors.is_empty(), "{errors:?}");
 
     let fake = FakeKube::start().await;
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
+    let mut files: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
@@ -152,10 +229,7 @@ async fn same_objects_give_the_same_mesh_and_envoy_resources_as_directory_mode()
     assert_eq!(status.objects, dir_objects.counts());
     let kube_mesh = running.mesh.borrow().clone();
     assert_eq!(*kube_mesh, dir_mesh, "same objects, same model");
-    assert_eq!(
-        running.namespaces.borrow().iter().collect::<Vec<_>>(),
-        ["demo"]
-    );
+    assert_eq!(running.namespaces.borrow().iter().collect::<Vec<_>>(), [ns]);
 
     assert!(!dir_mesh.workloads.is_empty());
     for pod in dir_mesh.workloads.keys() {
@@ -182,6 +256,7 @@ async fn same_objects_give_the_same_mesh_and_envoy_resources_as_directory_mode()
         }
     }
     running.stop().await;
+    kube_mesh
 }
 
 #[tokio::test]
