@@ -245,7 +245,8 @@ async fn start_with(cfg: ServeConfig, kube: Option<KubeServe>) -> anyhow::Result
             (Source::Dir(dir), m, s)
         }
         Some(k) => {
-            let src = KubeSource::new(k.client.clone(), k.namespaces.clone());
+            let src = KubeSource::new(k.client.clone(), k.namespaces.clone())
+                .with_policy_namespace(k.ward_namespace.clone());
             let (m, s) = (src.mesh(), src.status());
             (Source::Kube(src), m, s)
         }

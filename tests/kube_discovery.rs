@@ -67,7 +67,10 @@ struct Running {
 }
 
 fn start(fake: &FakeKube, sel: MeshNamespaces) -> Running {
-    let source = KubeSource::new(fake.client(), sel);
+    start_source(KubeSource::new(fake.client(), sel))
+}
+
+fn start_source(source: KubeSource) -> Running {
     let r = Running {
         mesh: source.mesh(),
         status: source.status(),
@@ -431,5 +434,49 @@ async fn all_namespaces_mode_and_readiness_before_sync() {
     for (verb, _) in fake.calls() {
         assert!(verb == "list" || verb == "watch", "{verb}");
     }
+    running.stop().await;
+}
+
+/// The mesh-wide policy usually lives in Ward's own namespace, which is not
+/// in the mesh: its policy ConfigMaps count anyway; those of other
+/// namespaces outside the mesh do not.
+#[tokio::test]
+async fn policies_in_wards_own_namespace_count_outside_the_mesh() {
+    let fake = FakeKube::start().await;
+    fake.apply(namespace("demo", true));
+    fake.apply(namespace("ward-system", false));
+    fake.apply(namespace("other", false));
+    fake.apply(service("demo", "server", 9080, 8080));
+    fake.apply(pod("demo", "server-0", "server", "10.0.0.1", true));
+    let policy = |ns: &str, name: &str| {
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": name, "namespace": ns, "labels": {"ward.io/policy": "true"}},
+            "data": {"scope": "mesh", "mode": "STRICT"}})
+    };
+    fake.apply(policy("ward-system", "mesh-mtls"));
+    fake.apply(policy("other", "stray-mtls"));
+    // Non-policy objects of Ward's namespace stay out.
+    fake.apply(service("ward-system", "ward", 15010, 15010));
+
+    let running = start_source(
+        KubeSource::new(fake.client(), MeshNamespaces::default())
+            .with_policy_namespace("ward-system"),
+    );
+    running.synced().await;
+    let objects = running.objects.borrow().clone();
+    assert_eq!(
+        objects.config_maps.keys().cloned().collect::<Vec<_>>(),
+        vec![key("ward-system/mesh-mtls")]
+    );
+    let mesh = running.mesh.borrow().clone();
+    assert_eq!(
+        mesh.services.keys().cloned().collect::<Vec<_>>(),
+        vec![key("demo/server")]
+    );
+    assert_eq!(
+        mesh.port_policy(&key("demo/server"), 9080).mode,
+        ward::model::MtlsMode::Strict,
+        "the mesh policy from ward-system applies"
+    );
     running.stop().await;
 }

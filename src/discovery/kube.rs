@@ -119,6 +119,10 @@ pub struct KubeSource {
     client: Client,
     /// Which namespaces are in the mesh.
     namespaces_sel: MeshNamespaces,
+    /// Ward's own namespace: its policy ConfigMaps count even when the
+    /// namespace is not in the mesh (the natural home of the mesh-wide
+    /// policy, like Istio's root namespace).
+    policy_namespace: Option<String>,
     /// The current mesh; replaced only when it changes.
     mesh: watch::Sender<Arc<Mesh>>,
     /// The current raw objects (policy ConfigMaps among them).
@@ -139,11 +143,19 @@ impl KubeSource {
         KubeSource {
             client,
             namespaces_sel: namespaces,
+            policy_namespace: None,
             mesh: watch::Sender::new(Arc::new(Mesh::default())),
             objects: watch::Sender::new(Arc::new(ObjectSet::default())),
             status: watch::Sender::new(Arc::new(status)),
             namespaces: watch::Sender::new(Arc::new(BTreeSet::new())),
         }
+    }
+
+    /// Also read policy ConfigMaps from `namespace` (Ward's own), whether
+    /// or not it is in the mesh.
+    pub fn with_policy_namespace(mut self, namespace: impl Into<String>) -> KubeSource {
+        self.policy_namespace = Some(namespace.into());
+        self
     }
 
     /// The current mesh. Empty until synced; changes only when the mesh does.
@@ -259,7 +271,8 @@ impl KubeSource {
     }
 
     fn publish(&self, stores: &Stores, initial: bool) {
-        let (objects, meshed) = stores.snapshot(&self.namespaces_sel);
+        let (objects, meshed) =
+            stores.snapshot(&self.namespaces_sel, self.policy_namespace.as_deref());
         let (mesh, errors) = build_mesh(&objects);
         let counts = objects.counts();
         if initial {
@@ -329,8 +342,13 @@ struct Stores {
 }
 
 impl Stores {
-    /// The objects of the meshed namespaces, and those namespaces.
-    fn snapshot(&self, sel: &MeshNamespaces) -> (ObjectSet, BTreeSet<String>) {
+    /// The objects of the meshed namespaces (plus the policy ConfigMaps of
+    /// `policy_ns`), and the meshed namespaces.
+    fn snapshot(
+        &self,
+        sel: &MeshNamespaces,
+        policy_ns: Option<&str>,
+    ) -> (ObjectSet, BTreeSet<String>) {
         let meshed: BTreeSet<String> = self
             .namespaces
             .state()
@@ -344,7 +362,8 @@ impl Stores {
         let mut set = ObjectSet::default();
         let mut add = |meta_ns: Option<String>, name: String, obj: KubeObject| {
             let ns = meta_ns.unwrap_or_default();
-            if in_mesh(&ns) {
+            let policy_home = matches!(obj, KubeObject::ConfigMap(_)) && policy_ns == Some(&ns);
+            if in_mesh(&ns) || policy_home {
                 set.insert(ObjectKey::new(ns, name), obj);
             }
         };
