@@ -73,8 +73,10 @@ kind-demo:
     kind load docker-image ward:dev ward-redirect-init:dev --name {{kind_cluster}}
     k apply -k manifests/
     # Short-lived workload certificates so a rotation happens during the demo.
-    k -n ward-system patch deployment ward --type json \
-      -p '[{"op":"add","path":"/spec/template/spec/containers/0/args/-","value":"--cert-ttl=2m"}]' || true
+    # (Only once: a second --cert-ttl would be refused by the CLI.)
+    k -n ward-system get deployment ward -o jsonpath='{.spec.template.spec.containers[0].args}' | grep -q -- --cert-ttl \
+      || k -n ward-system patch deployment ward --type json \
+           -p '[{"op":"add","path":"/spec/template/spec/containers/0/args/-","value":"--cert-ttl=2m"}]'
     k -n ward-system rollout status deployment/ward --timeout=180s
     k -n demo rollout status deployment/server --timeout=180s
     k -n demo rollout status deployment/client --timeout=180s
@@ -88,14 +90,25 @@ kind-demo:
     test "$handshakes" -gt 0 || { echo "no TLS handshakes on the server sidecar"; exit 1; }
     echo "   server sidecar TLS handshakes: $handshakes"
     echo "2. plaintext to the server's sidecar is refused under STRICT:"
-    k apply -f manifests/policies/mesh-strict.yaml
-    sleep 5  # the policy rollout: servers accept both, clients switch, servers go STRICT
+    # A pod without a sidecar, outside the mesh's identities.
+    k -n default delete pod plaintext-probe --ignore-not-found --wait=true
+    k -n default run plaintext-probe --image=curlimages/curl --restart=Never --command -- sleep 600
+    trap 'kill "${pids[@]}" 2>/dev/null || true; k -n default delete pod plaintext-probe --wait=false >/dev/null 2>&1 || true' EXIT
+    k -n default wait --for=condition=Ready pod/plaintext-probe --timeout=120s
     server_ip=$(k -n demo get pod -l app=server -o jsonpath='{.items[0].status.podIP}')
-    if k -n demo run plaintext-probe --rm -i --restart=Never --image=curlimages/curl -- \
-         curl -sS --max-time 5 "http://$server_ip:8080/" ; then
-      echo "plaintext request succeeded: STRICT is not enforced"; exit 1
-    fi
+    probe() { k -n default exec plaintext-probe -- curl -sS --max-time 5 -o /dev/null -w '%{http_code}' "http://$server_ip:8080/"; }
+    echo "   before: PERMISSIVE (the mesh default) lets plaintext in: HTTP $(probe)"
+    k apply -f manifests/policies/mesh-strict.yaml
+    # The rollout is staged (servers accept both, clients switch, servers go STRICT).
+    refused=no
+    for _ in $(seq 1 30); do
+      if ! probe >/dev/null 2>&1; then refused=yes; break; fi
+      sleep 2
+    done
+    test "$refused" = yes || { echo "plaintext still accepted 60 s after STRICT: not enforced"; exit 1; }
     echo "   refused"
+    curl -fsS http://127.0.0.1:18080/call | grep -q server || { echo "mesh traffic broke under STRICT"; exit 1; }
+    echo "   and client -> server still works (mTLS)"
     echo "3. a certificate rotation (TTL 2m, rotated at half life):"
     serial() { curl -fsS http://127.0.0.1:18000/certs | grep -m1 '"serial_number"' ; }
     before=$(serial)
