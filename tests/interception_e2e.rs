@@ -16,7 +16,8 @@
 //!     │ bridge wtib<pid> 10.213.0.1/24
 //!     ├── netns wti<pid>-c: client-0 10.213.0.10 (app + Envoy, redirected)
 //!     └── netns wti<pid>-s: server-0 10.213.0.20 (app + Envoy, redirected)
-//!  Services: server 10.96.213.20:9080 → http (8080); client 10.96.213.10:9081
+//!  Services: server 10.96.213.20:9080 → http (8080); client 10.96.213.10:9081;
+//!  server-pods (headless, port 8080)
 //! ```
 
 use std::future::Future;
@@ -52,6 +53,15 @@ spec:
   clusterIP: 10.96.213.20
   selector: {{app: server}}
   ports: [{{name: http, port: 9080, targetPort: http}}]
+---
+# Headless: clients resolve it to pod addresses and call those directly.
+apiVersion: v1
+kind: Service
+metadata: {{name: server-pods, namespace: ti}}
+spec:
+  clusterIP: None
+  selector: {{app: server}}
+  ports: [{{name: http, port: 8080}}]
 ---
 apiVersion: v1
 kind: Pod
@@ -508,6 +518,30 @@ async fn redirected_pods_talk_mtls_without_knowing_it() {
         .await
             >= 1,
         "the client sidecar originated TLS toward the server"
+    );
+
+    // The server pod's own address, as a headless service's DNS name
+    // resolves: the client sidecar still makes it mTLS, to that pod.
+    let pod_call = in_ns(&net.client_ns, || async {
+        probe::plaintext_get(addr(&format!("{SERVER_IP}:8080")), "/", "server-0").await
+    })
+    .await
+    .expect("direct call to the server pod of a headless service");
+    assert_eq!(pod_call.status, 200);
+    assert!(
+        pod_call
+            .body
+            .contains("caller spiffe://cluster.local/ns/ti/sa/client"),
+        "{}",
+        pod_call.body
+    );
+    assert!(
+        stat(
+            client_admin,
+            "cluster.outbound-direct|ti|server-pods|8080.ssl.handshake"
+        )
+        .await
+            >= 1
     );
 
     // 2. STRICT: plaintext from outside the mesh to the server pod's app

@@ -36,6 +36,15 @@ pub const INBOUND_PASSTHROUGH_CLUSTER: &str = "InboundPassthroughCluster";
 /// redirect ports end there instead of looping through the sidecar.
 pub const BLACKHOLE_CLUSTER: &str = "BlackHoleCluster";
 
+/// Cluster of a redirected sidecar toward the pods of a headless service
+/// port: `ORIGINAL_DST` (the pod the client picked), with the service's TLS.
+pub fn direct_cluster(service: &ObjectKey, port: u16) -> String {
+    format!(
+        "outbound-direct|{}|{}|{port}",
+        service.namespace, service.name
+    )
+}
+
 /// Filter chain of the virtual outbound listener toward one service port.
 pub fn outbound_chain(service: &ObjectKey, port: u16) -> String {
     outbound_listener(service, port)

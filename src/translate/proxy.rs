@@ -272,13 +272,15 @@ pub fn proxy_resources_with(
                     ),
                 ),
             );
+            let (outbound, direct) =
+                redirect::outbound_listener(mesh, trust_domain, &mut redirect_warnings);
             insert(
                 &mut listeners,
-                Resource::new(
-                    names::VIRTUAL_OUTBOUND_LISTENER,
-                    redirect::outbound_listener(mesh, &mut redirect_warnings),
-                ),
+                Resource::new(names::VIRTUAL_OUTBOUND_LISTENER, outbound),
             );
+            for c in direct {
+                insert(&mut clusters, Resource::new(c.name.clone(), c));
+            }
             warnings.extend(
                 redirect_warnings
                     .into_iter()

@@ -12,6 +12,7 @@
 //! | listener            | filter chain match                          | goes to                              |
 //! |---------------------|---------------------------------------------|--------------------------------------|
 //! | `virtual-outbound`  | `clusterIP/32`, service port                | the service's outbound cluster (mTLS) |
+//! |                     | a headless service's pod address and target port | `outbound-direct|NS|SVC|PORT` (`ORIGINAL_DST`, mTLS) |
 //! |                     | port 15001 (a direct call to the listener)  | `BlackHoleCluster`                   |
 //! |                     | anything else (default chain)               | `PassthroughCluster` (where it was going, untouched) |
 //! | `virtual-inbound`   | target port + the port's mTLS-mode chains (see `listener`) | the inbound cluster (the app)  |
@@ -24,10 +25,10 @@
 //! the same in both modes, and a mode change only replaces filter chains
 //! (Envoy drains only the connections of changed chains).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
+use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster as cluster_pb};
 use envoy_types::pb::envoy::config::core::v3::{CidrRange, TrafficDirection};
 use envoy_types::pb::envoy::config::listener::v3::{
     FilterChain, FilterChainMatch, Listener, ListenerFilter, listener_filter,
@@ -37,7 +38,7 @@ use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::Tl
 use envoy_types::pb::google::protobuf::{Duration, UInt32Value};
 use envoy_types::util::pack_any;
 
-use super::{endpoint, listener, names};
+use super::{cluster, endpoint, listener, names};
 use crate::model::{Mesh, MtlsMode, Protocol};
 
 /// Where the virtual outbound listener binds: iptables `REDIRECT` in
@@ -101,13 +102,23 @@ fn blackhole_chain(port: u16) -> FilterChain {
     }
 }
 
-/// The virtual outbound listener: one filter chain per (cluster IPs,
-/// service port) of every service with a cluster IP, HTTP routed through
-/// the service port's outbound route, TCP proxied to its outbound cluster.
-/// Services without a cluster IP (headless, or hand-written without one)
-/// are reached through the passthrough chain, untouched.
-pub fn outbound_listener(mesh: &Mesh, warnings: &mut Vec<String>) -> Listener {
+/// The virtual outbound listener and the clusters only it uses.
+///
+/// - A service with cluster IPs: one filter chain per (cluster IPs, service
+///   port), HTTP routed through the service port's outbound route, TCP
+///   proxied to its outbound cluster.
+/// - A headless service (no cluster IP): clients connect to its pods'
+///   addresses directly, so one chain per (endpoint addresses, target
+///   port), proxied to a per-service-port `ORIGINAL_DST` cluster with the
+///   outbound cluster's TLS: the call goes to the pod the client chose,
+///   over mTLS with the service's identities checked.
+pub fn outbound_listener(
+    mesh: &Mesh,
+    trust_domain: &str,
+    warnings: &mut Vec<String>,
+) -> (Listener, Vec<Cluster>) {
     let mut chains = Vec::new();
+    let mut clusters = Vec::new();
     // Envoy refuses a listener whose chains have equal matches; two
     // hand-written Services may claim the same cluster IP.
     let mut taken: BTreeSet<(IpAddr, u16)> = BTreeSet::new();
@@ -162,8 +173,50 @@ pub fn outbound_listener(mesh: &Mesh, warnings: &mut Vec<String>) -> Listener {
             });
         }
     }
+    for svc in mesh.services.values() {
+        if !svc.cluster_ips.is_empty() {
+            continue;
+        }
+        for port in &svc.ports {
+            // Endpoint addresses by target port (a named targetPort may
+            // resolve differently per pod), each (address, port) claimed
+            // once.
+            let mut by_port: BTreeMap<u16, Vec<IpAddr>> = BTreeMap::new();
+            for ep in mesh.endpoints(&svc.key, port.port) {
+                if ep.port != names::REDIRECT_OUTBOUND_PORT && taken.insert((ep.ip, ep.port)) {
+                    by_port.entry(ep.port).or_default().push(ep.ip);
+                }
+            }
+            if by_port.is_empty() {
+                continue;
+            }
+            let cluster_name = names::direct_cluster(&svc.key, port.port);
+            for (target, ips) in by_port {
+                chains.push(FilterChain {
+                    name: format!("{cluster_name}|{target}"),
+                    filter_chain_match: Some(FilterChainMatch {
+                        prefix_ranges: ips.into_iter().map(cidr).collect(),
+                        ..port_match(target)
+                    }),
+                    filters: vec![listener::tcp_proxy(
+                        &listener::outbound_stat_prefix(&svc.key, port.port),
+                        &cluster_name,
+                    )],
+                    ..Default::default()
+                });
+            }
+            let mut direct = cluster::outbound(mesh, trust_domain, svc, port);
+            direct.name = cluster_name;
+            direct.cluster_discovery_type = Some(cluster_pb::ClusterDiscoveryType::Type(
+                cluster_pb::DiscoveryType::OriginalDst as i32,
+            ));
+            direct.lb_policy = cluster_pb::LbPolicy::ClusterProvided as i32;
+            direct.eds_cluster_config = None;
+            clusters.push(direct);
+        }
+    }
     chains.push(blackhole_chain(names::REDIRECT_OUTBOUND_PORT));
-    Listener {
+    let listener = Listener {
         name: names::VIRTUAL_OUTBOUND_LISTENER.into(),
         address: Some(endpoint::socket_address(
             OUTBOUND_BIND,
@@ -182,7 +235,8 @@ pub fn outbound_listener(mesh: &Mesh, warnings: &mut Vec<String>) -> Listener {
             ..Default::default()
         }),
         ..Default::default()
-    }
+    };
+    (listener, clusters)
 }
 
 /// One target port the virtual inbound listener serves.
@@ -276,10 +330,10 @@ pub fn inbound_listener(
 pub fn original_dst_cluster(name: &str) -> Cluster {
     Cluster {
         name: name.into(),
-        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
-            cluster::DiscoveryType::OriginalDst as i32,
+        cluster_discovery_type: Some(cluster_pb::ClusterDiscoveryType::Type(
+            cluster_pb::DiscoveryType::OriginalDst as i32,
         )),
-        lb_policy: cluster::LbPolicy::ClusterProvided as i32,
+        lb_policy: cluster_pb::LbPolicy::ClusterProvided as i32,
         connect_timeout: Some(CONNECT_TIMEOUT),
         ..Default::default()
     }
@@ -289,8 +343,8 @@ pub fn original_dst_cluster(name: &str) -> Cluster {
 pub fn blackhole_cluster() -> Cluster {
     Cluster {
         name: names::BLACKHOLE_CLUSTER.into(),
-        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
-            cluster::DiscoveryType::Static as i32,
+        cluster_discovery_type: Some(cluster_pb::ClusterDiscoveryType::Type(
+            cluster_pb::DiscoveryType::Static as i32,
         )),
         connect_timeout: Some(CONNECT_TIMEOUT),
         ..Default::default()

@@ -963,6 +963,7 @@ fn golden_redirect_server() {
         names::INBOUND_PASSTHROUGH_CLUSTER,
         names::BLACKHOLE_CLUSTER,
         "inbound|8080|local",
+        "outbound-direct|demo|external|9000",
     ] {
         out.insert(
             name.into(),
@@ -1001,6 +1002,8 @@ fn redirected_pods_get_only_the_two_virtual_listeners() {
             "InboundPassthroughCluster",
             "PassthroughCluster",
             "inbound|8080|local",
+            // `external` has no cluster IP: its pods are called directly.
+            "outbound-direct|demo|external|9000",
         ]
         .map(String::from),
     );
@@ -1018,10 +1021,10 @@ fn redirected_pods_get_only_the_two_virtual_listeners() {
 }
 
 #[test]
-fn virtual_outbound_matches_cluster_ips_and_skips_headless_and_duplicates() {
+fn virtual_outbound_matches_cluster_ips_headless_pods_and_skips_duplicates() {
     use envoy_types::pb::envoy::config::listener::v3::Listener;
     let mut mesh = redirect_mesh();
-    // `external` has no cluster IP (headless): reached through passthrough.
+    // `external` has no cluster IP (headless): its pods are matched.
     // A second service claiming server's cluster IP and port.
     let mut dup = service("copy", 80, "http", TargetPort::Number(80), false);
     dup.cluster_ips = vec!["10.96.0.20".parse().unwrap(), "10.96.0.21".parse().unwrap()];
@@ -1058,6 +1061,12 @@ fn virtual_outbound_matches_cluster_ips_and_skips_headless_and_duplicates() {
                 5432
             ),
             // ... so "server" has none left on port 80 and gets no chain.
+            // `external` is headless: its endpoint addresses, target port.
+            (
+                "outbound-direct|demo|external|9000|9000".to_string(),
+                vec!["127.0.0.40/32".to_string()],
+                9000
+            ),
             ("blackhole|15001".to_string(), vec![], 15001),
         ]
     );

@@ -29,7 +29,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::ca::WorkloadCert;
-use crate::model::{Mesh, ObjectKey, Workload};
+use crate::model::{Endpoint, Interception, Mesh, ObjectKey, Workload};
 use crate::translate::{
     self, MeshResources, ProxyResources, Resource, ResourceMap, TranslateError, names, type_url,
 };
@@ -422,15 +422,36 @@ impl MeshSnapshot {
 fn same_translation_inputs(old: &Mesh, new: &Mesh) -> bool {
     let Mesh {
         services,
-        // Per-proxy translation reads only its own workload (compared by the
-        // stream) and the services; endpoints feed the shared layers only.
+        // Per-proxy translation reads its own workload (compared by the
+        // stream), the services, and — for redirected sidecars — the
+        // endpoints of headless services (whose pods' identities they
+        // carry); other endpoints feed the shared layers only.
         workloads: _,
         endpoints: _,
         // Policies are resolved into `mtls`, which inbound listeners read.
         policies: _,
         mtls,
     } = new;
-    *services == old.services && *mtls == old.mtls
+    *services == old.services
+        && *mtls == old.mtls
+        && (!has_redirected(new) || headless(old).eq(headless(new)))
+}
+
+/// Whether any sidecar's traffic is redirected; only those read endpoints.
+fn has_redirected(mesh: &Mesh) -> bool {
+    mesh.workloads
+        .values()
+        .any(|w| w.interception == Interception::Redirect)
+}
+
+/// Endpoints of headless services: redirected sidecars match their
+/// addresses in the virtual outbound listener (`translate::redirect`).
+fn headless(mesh: &Mesh) -> impl Iterator<Item = (&crate::model::ServicePortKey, &Vec<Endpoint>)> {
+    mesh.endpoints.iter().filter(|((svc, _), _)| {
+        mesh.services
+            .get(svc)
+            .is_some_and(|s| s.cluster_ips.is_empty())
+    })
 }
 
 /// Two consecutive snapshots as [`MeshCache`] would publish them (benchmarks
@@ -537,7 +558,7 @@ pub struct ProxyBuilder {
 /// friends); everything else a proxy translates alone is the same for every
 /// proxy with the same outbound address.
 fn is_pod_specific(name: &str) -> bool {
-    name.starts_with("inbound|")
+    name.starts_with("inbound|") || name == names::VIRTUAL_INBOUND_LISTENER
 }
 
 impl ProxyBuilder {
