@@ -910,4 +910,74 @@ mod tests {
         let n2 = intern_names(["a".to_string(), "b".to_string()].into());
         assert!(Arc::ptr_eq(&n1, &n2));
     }
+
+    #[test]
+    fn headless_endpoints_are_an_input_only_with_redirected_sidecars() {
+        use crate::model::{Endpoint, Interception, Service, Workload};
+        let mesh = |headless_ip: &str, vip_ep: &str, redirect: bool| {
+            let mut m = Mesh::default();
+            for (name, vip) in [
+                ("headless", vec![]),
+                ("vip", vec!["10.96.0.1".parse().unwrap()]),
+            ] {
+                let key = ObjectKey::new("d", name);
+                m.services.insert(
+                    key.clone(),
+                    Service {
+                        key,
+                        ports: vec![],
+                        selector: Default::default(),
+                        cluster_ips: vip,
+                    },
+                );
+            }
+            let ep = |ip: &str| Endpoint {
+                ip: ip.parse().unwrap(),
+                port: 80,
+                ready: true,
+                workload: None,
+                service_account: None,
+            };
+            m.endpoints
+                .insert((ObjectKey::new("d", "headless"), 80), vec![ep(headless_ip)]);
+            m.endpoints
+                .insert((ObjectKey::new("d", "vip"), 80), vec![ep(vip_ep)]);
+            let key = ObjectKey::new("d", "p");
+            m.workloads.insert(
+                key.clone(),
+                Workload {
+                    key,
+                    labels: Default::default(),
+                    service_account: "default".into(),
+                    ip: "10.0.0.9".parse().unwrap(),
+                    ready: true,
+                    ports: vec![],
+                    app_ip: "10.0.0.9".parse().unwrap(),
+                    outbound_ip: "10.0.0.9".parse().unwrap(),
+                    interception: if redirect {
+                        Interception::Redirect
+                    } else {
+                        Interception::Explicit
+                    },
+                },
+            );
+            m
+        };
+        let base = mesh("10.0.0.1", "10.0.0.5", true);
+        // A ClusterIP service's endpoints never are.
+        assert!(same_translation_inputs(
+            &base,
+            &mesh("10.0.0.1", "10.0.0.6", true)
+        ));
+        // A headless service's are, for redirected sidecars ...
+        assert!(!same_translation_inputs(
+            &base,
+            &mesh("10.0.0.2", "10.0.0.5", true)
+        ));
+        // ... and only then.
+        assert!(same_translation_inputs(
+            &mesh("10.0.0.1", "10.0.0.5", false),
+            &mesh("10.0.0.2", "10.0.0.5", false)
+        ));
+    }
 }
