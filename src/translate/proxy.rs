@@ -57,12 +57,20 @@ pub fn mesh_resources(mesh: &Mesh, trust_domain: &str) -> MeshResources {
         trust_domain: trust_domain.to_string(),
         ..Default::default()
     };
+    // Once per mesh, not once per cluster: a scan of every workload per
+    // service port was O(services × workloads) on every change.
+    let accounts = mesh.service_accounts_by_service();
+    let none = std::collections::BTreeSet::new();
     for svc in mesh.services.values() {
+        let svc_accounts = accounts.get(&svc.key).unwrap_or(&none);
         for port in &svc.ports {
             let name = names::outbound_cluster(&svc.key, port.port);
             insert(
                 &mut out.clusters,
-                Resource::new(&name, cluster::outbound(mesh, trust_domain, svc, port)),
+                Resource::new(
+                    &name,
+                    cluster::outbound_with_accounts(mesh, trust_domain, svc, port, svc_accounts),
+                ),
             );
             let eps = mesh.endpoints(&svc.key, port.port);
             insert(
