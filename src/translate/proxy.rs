@@ -178,62 +178,23 @@ pub fn proxy_resources_with(
         });
     }
     let mut warnings = Vec::new();
+    let inbound = inbound_part(mesh, w, trust_domain, &mut warnings);
     let mut clusters = shared.clusters.clone();
+    clusters.extend(inbound.clusters);
     let endpoints = shared.endpoints.clone();
     let mut routes = shared.routes.clone();
-    let mut listeners = ResourceMap::new();
-    // Bound addresses so far, with the listener holding each.
-    let mut bound: Vec<((IpAddr, u16), String)> = Vec::new();
-
-    for (target, InboundPort { protocol, mode }) in inbound_ports(mesh, w, &mut warnings) {
-        let name = names::inbound_listener(target);
-        insert(
-            &mut listeners,
-            Resource::new(
-                &name,
-                listener::inbound(w.ip, trust_domain, target, protocol, mode),
-            ),
-        );
-        bound.push(((w.ip, target), name));
-        let cluster_name = names::inbound_cluster(target);
-        insert(
-            &mut clusters,
-            Resource::new(&cluster_name, cluster::inbound(w.app_ip, target, protocol)),
-        );
-        if protocol == Protocol::Http {
-            let route_name = names::inbound_route(target);
-            insert(
-                &mut routes,
-                Resource::new(
-                    &route_name,
-                    route::catch_all(&route_name, &format!("inbound|{target}"), &cluster_name),
-                ),
-            );
-        }
-    }
-
-    for svc in mesh.services.values() {
-        for port in &svc.ports {
-            let name = names::outbound_listener(&svc.key, port.port);
-            let addr = (w.outbound_ip, port.port);
-            if let Some((held, holder)) = bound.iter().find(|(a, _)| overlaps(*a, addr)) {
-                warnings.push(format!(
-                    "pod {}: outbound listener {name} skipped: {}:{} collides with listener \
-                     {holder} on {}:{}",
-                    w.key, addr.0, addr.1, held.0, held.1
-                ));
-                continue;
-            }
-            insert(
-                &mut listeners,
-                Resource::new(
-                    &name,
-                    listener::outbound(addr.0, &svc.key, port.port, port.protocol),
-                ),
-            );
-            bound.push((addr, name));
-        }
-    }
+    routes.extend(inbound.routes);
+    let mut listeners = inbound.listeners;
+    let mut bound = inbound.bound;
+    let who = format!("pod {}", w.key);
+    outbound_part(
+        mesh,
+        &who,
+        w.outbound_ip,
+        &mut bound,
+        &mut listeners,
+        &mut warnings,
+    );
 
     let mut resources = ProxyResources::default();
     resources.by_type.insert(type_url::CLUSTER, clusters);
@@ -244,6 +205,162 @@ pub fn proxy_resources_with(
         resources,
         warnings,
     })
+}
+
+/// The per-pod (`inbound|…`) resources of a sidecar.
+struct InboundPart {
+    listeners: ResourceMap,
+    clusters: ResourceMap,
+    routes: ResourceMap,
+    /// Addresses the inbound listeners bind, with the listener holding each.
+    bound: Vec<((IpAddr, u16), String)>,
+}
+
+fn inbound_part(
+    mesh: &Mesh,
+    w: &Workload,
+    trust_domain: &str,
+    warnings: &mut Vec<String>,
+) -> InboundPart {
+    let mut out = InboundPart {
+        listeners: ResourceMap::new(),
+        clusters: ResourceMap::new(),
+        routes: ResourceMap::new(),
+        bound: Vec::new(),
+    };
+    for (target, InboundPort { protocol, mode }) in inbound_ports(mesh, w, warnings) {
+        let name = names::inbound_listener(target);
+        insert(
+            &mut out.listeners,
+            Resource::new(
+                &name,
+                listener::inbound(w.ip, trust_domain, target, protocol, mode),
+            ),
+        );
+        out.bound.push(((w.ip, target), name));
+        let cluster_name = names::inbound_cluster(target);
+        insert(
+            &mut out.clusters,
+            Resource::new(&cluster_name, cluster::inbound(w.app_ip, target, protocol)),
+        );
+        if protocol == Protocol::Http {
+            let route_name = names::inbound_route(target);
+            insert(
+                &mut out.routes,
+                Resource::new(
+                    &route_name,
+                    route::catch_all(&route_name, &format!("inbound|{target}"), &cluster_name),
+                ),
+            );
+        }
+    }
+    out
+}
+
+/// One outbound listener per service port at `outbound_ip`, skipping any
+/// whose address collides with one already in `bound`.
+fn outbound_part(
+    mesh: &Mesh,
+    who: &str,
+    outbound_ip: IpAddr,
+    bound: &mut Vec<((IpAddr, u16), String)>,
+    listeners: &mut ResourceMap,
+    warnings: &mut Vec<String>,
+) {
+    for svc in mesh.services.values() {
+        for port in &svc.ports {
+            let name = names::outbound_listener(&svc.key, port.port);
+            let addr = (outbound_ip, port.port);
+            if let Some((held, holder)) = bound.iter().find(|(a, _)| overlaps(*a, addr)) {
+                warnings.push(format!(
+                    "{who}: outbound listener {name} skipped: {}:{} collides with listener \
+                     {holder} on {}:{}",
+                    addr.0, addr.1, held.0, held.1
+                ));
+                continue;
+            }
+            insert(
+                listeners,
+                Resource::new(
+                    &name,
+                    listener::outbound(addr.0, &svc.key, port.port, port.protocol),
+                ),
+            );
+            bound.push((addr, name));
+        }
+    }
+}
+
+/// A sidecar's translation split in two, so that sidecars with the same
+/// outbound address share one translation of the outbound listeners (the
+/// bulk of a sidecar's own configuration: one listener per service port)
+/// instead of each encoding its own copy.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SplitTranslation {
+    /// The pod's own `inbound|…` listeners, clusters and routes.
+    pub inbound: ProxyResources,
+    /// Where the outbound listeners bind; equal for every pod that shares
+    /// the [`outbound_listeners`] translation.
+    pub outbound_ip: IpAddr,
+    /// Warnings of the inbound part (the outbound part has its own).
+    pub warnings: Vec<String>,
+}
+
+/// The inbound part of the sidecar of `proxy`, when its outbound listeners
+/// are exactly [`outbound_listeners`] of its outbound address, i.e. none of
+/// its inbound listeners binds an address an outbound listener would.
+/// `Ok(None)` when they collide: use [`proxy_resources_with`] instead.
+pub fn split_translation(
+    mesh: &Mesh,
+    trust_domain: &str,
+    proxy: &ObjectKey,
+) -> Result<Option<SplitTranslation>, TranslateError> {
+    let w = mesh
+        .workloads
+        .get(proxy)
+        .ok_or_else(|| TranslateError::UnknownProxy(proxy.clone()))?;
+    let mut warnings = Vec::new();
+    let inbound = inbound_part(mesh, w, trust_domain, &mut warnings);
+    let collides = inbound.bound.iter().any(|(a, _)| {
+        mesh.services
+            .values()
+            .flat_map(|s| &s.ports)
+            .any(|p| overlaps(*a, (w.outbound_ip, p.port)))
+    });
+    if collides {
+        return Ok(None);
+    }
+    let mut resources = ProxyResources::default();
+    resources
+        .by_type
+        .insert(type_url::CLUSTER, inbound.clusters);
+    resources
+        .by_type
+        .insert(type_url::LISTENER, inbound.listeners);
+    resources.by_type.insert(type_url::ROUTE, inbound.routes);
+    Ok(Some(SplitTranslation {
+        inbound: resources,
+        outbound_ip: w.outbound_ip,
+        warnings,
+    }))
+}
+
+/// The outbound listeners of every sidecar whose outbound address is
+/// `outbound_ip` and whose inbound listeners do not collide with them (see
+/// [`split_translation`]), with the warnings of collisions among themselves.
+pub fn outbound_listeners(mesh: &Mesh, outbound_ip: IpAddr) -> (ResourceMap, Vec<String>) {
+    let mut listeners = ResourceMap::new();
+    let mut warnings = Vec::new();
+    let who = format!("pods with outbound address {outbound_ip}");
+    outbound_part(
+        mesh,
+        &who,
+        outbound_ip,
+        &mut Vec::new(),
+        &mut listeners,
+        &mut warnings,
+    );
+    (listeners, warnings)
 }
 
 /// Resources of the sidecar of pod `proxy` (convenience: builds the shared
