@@ -90,6 +90,10 @@ struct RunArgs {
     /// Give up on a phase after this long.
     #[arg(long, default_value = "180s", value_parser = humantime::parse_duration)]
     timeout: Duration,
+    /// Quiet time after every sidecar synced, before measuring (time to
+    /// attach a profiler: Ward's pid is printed when the sidecars synced).
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    settle: Duration,
 }
 
 #[derive(Args)]
@@ -631,8 +635,9 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         })
         .await?;
     let connect_time = t.elapsed();
+    eprintln!("synced; ward pid {}", ward.pid);
     // Quiet: every stream ACKed everything; let Ward finish its bookkeeping.
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    tokio::time::sleep(Duration::from_millis(500) + a.settle).await;
     let (rss1, _) = proc_usage(ward.pid)?;
     let rss_per_proxy = rss1.saturating_sub(rss0) as f64 / a.proxies as f64;
 
@@ -757,7 +762,8 @@ async fn issued_total(admin: std::net::SocketAddr) -> anyhow::Result<u64> {
         .find_map(|l| l.strip_prefix("ward_certs_issued_total "))
         .context("ward_certs_issued_total in /metrics")?
         .trim()
-        .parse()
+        .parse::<f64>()
+        .map(|v| v as u64)
         .context("ward_certs_issued_total")
 }
 
@@ -787,7 +793,8 @@ async fn rotate(a: RunArgs) -> anyhow::Result<()> {
             type_url::ORDER.iter().all(|ty| s.count(ty) >= 1)
         })
         .await?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    eprintln!("synced; ward pid {}", ward.pid);
+    tokio::time::sleep(a.settle).await;
     let before = fleet.snapshot();
     let issued0 = issued_total(ward.admin).await?;
     let (_, cpu0) = proc_usage(ward.pid)?;

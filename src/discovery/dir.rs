@@ -108,8 +108,15 @@ impl DirSource {
         let mut watcher = {
             let wake = Arc::clone(&wake);
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                if let Err(e) = event {
-                    warn!(error = %e, "file watch error; reloading the discovery directory");
+                match &event {
+                    Err(e) => {
+                        warn!(error = %e, "file watch error; reloading the discovery directory")
+                    }
+                    // Opening and reading a file (the reload itself does)
+                    // changes nothing; reacting to it made every reload
+                    // trigger the next, several full reloads a second.
+                    Ok(ev) if is_read_only(&ev.kind) => return,
+                    Ok(_) => {}
                 }
                 // Any event reloads: renames, symlink swaps (mounted
                 // ConfigMaps) and directory changes all matter, and the
@@ -197,6 +204,13 @@ impl DirSource {
             status.objects = counts;
         });
     }
+}
+
+/// A watch event that changes no file: opening, reading or closing a file
+/// without writing it.
+fn is_read_only(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode};
+    matches!(kind, notify::EventKind::Access(a) if *a != AccessKind::Close(AccessMode::Write))
 }
 
 /// Run one load on the blocking pool (it reads files), handing the loader
@@ -1004,6 +1018,18 @@ mod tests {
         assert!(
             !mesh_rx.has_changed().unwrap(),
             "a no-op write must not publish a mesh"
+        );
+
+        // Reading the files (the reload itself) is no reason to reload:
+        // with nothing written, the reload count stays put.
+        let quiet = eventually_status(&mut status_rx, |_| true).await.reloads;
+        status_rx.mark_unchanged();
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), status_rx.changed())
+                .await
+                .is_err(),
+            "reloaded without a change: {} reloads, then more",
+            quiet
         );
 
         // A new file with an error: reported, the rest unaffected.

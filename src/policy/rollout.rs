@@ -348,15 +348,7 @@ impl PolicyController {
             .unwrap_or_default();
         errors.extend(self.errors.iter().cloned());
         let published = self.output.borrow().clone();
-        let services = published
-            .services
-            .keys()
-            .filter_map(|k| {
-                explain::explain_service(&published, &self.resolved, &self.steps, k)
-                    .ok()
-                    .map(|e| (k.to_string(), e))
-            })
-            .collect();
+        let services = explain::explain_services(&published, &self.resolved, &self.steps);
         let status = PolicyStatus {
             policies: self.in_force.values().cloned().collect(),
             errors,

@@ -83,7 +83,7 @@ pub fn originates_mtls(mesh: &Mesh, service: &Service, port: &ServicePort) -> bo
 }
 
 /// [`originates_mtls`] with the "has sidecars" answer computed by the caller.
-fn originates_mtls_with(
+pub fn originates_mtls_with(
     mesh: &Mesh,
     service: &Service,
     port: &ServicePort,
