@@ -141,6 +141,10 @@ struct Inner {
     /// Directory where issued certificates (and keys, 0600) are kept so a
     /// restarted Ward reuses them instead of re-issuing for every proxy.
     store: Mutex<Option<PathBuf>>,
+    /// The store's writer thread. Writes are durable (two fsyncs each), so
+    /// they happen off the signing and serving path, in order, the newest
+    /// certificate of a proxy winning over older ones still queued.
+    store_tx: Mutex<Option<std::sync::mpsc::Sender<StoreMsg>>>,
     /// Certificates reused from `store` (status: no needless re-issue).
     reused: AtomicU64,
 }
@@ -198,6 +202,7 @@ impl CertManager {
                 issued: AtomicU64::new(0),
                 failures: AtomicU64::new(0),
                 store: Mutex::new(None),
+                store_tx: Mutex::new(None),
                 reused: AtomicU64::new(0),
             }),
         }
@@ -207,10 +212,31 @@ impl CertManager {
     /// reuse them on the next start while they are still fresh.
     pub fn persist_to(&self, dir: PathBuf) -> Result<(), CaError> {
         super::store::create_private_dir(&dir)?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("ward-cert-store".into())
+            .spawn(move || store_writer(rx))
+            .map_err(|e| CaError::io(&dir, "start the certificate store writer for", e))?;
         if let Ok(mut s) = self.inner.store.lock() {
             *s = Some(dir);
         }
+        // Replacing a sender ends the previous writer once it has drained.
+        if let Ok(mut t) = self.inner.store_tx.lock() {
+            *t = Some(tx);
+        }
         Ok(())
+    }
+
+    /// Wait (at most `timeout`) until every certificate handed to the store
+    /// so far is on disk. Called at shutdown, so a restart finds them.
+    pub fn flush_store(&self, timeout: Duration) {
+        let Some(tx) = self.inner.store_tx.lock().ok().and_then(|t| t.clone()) else {
+            return;
+        };
+        let (done_tx, done_rx) = std::sync::mpsc::sync_channel(1);
+        if tx.send(StoreMsg::Flush(done_tx)).is_ok() && done_rx.recv_timeout(timeout).is_err() {
+            tracing::warn!("certificate store writes did not finish within {timeout:?}");
+        }
     }
 
     /// Drop certificates kept only for reconnects (no subscriber): after a
@@ -234,13 +260,18 @@ impl CertManager {
         Some(dir.join(format!("{}.{}.pem", proxy.namespace, proxy.name)))
     }
 
+    /// Queue `cert` for the store (see `store_tx`).
     fn persist(&self, proxy: &ObjectKey, cert: &WorkloadCert) {
         let Some(path) = self.store_path(proxy) else {
             return;
         };
-        let body = format!("{}{}", cert.cert_pem, cert.key_pem.expose());
-        if let Err(e) = super::store::write_private_file(&path, body.as_bytes()) {
-            tracing::warn!(%proxy, "cannot persist workload certificate: {e}");
+        let body = SecretPem::new(format!("{}{}", cert.cert_pem, cert.key_pem.expose()));
+        let sent = self.inner.store_tx.lock().ok().and_then(|t| {
+            t.as_ref()
+                .map(|tx| tx.send(StoreMsg::Write(path, body)).is_ok())
+        });
+        if sent != Some(true) {
+            tracing::warn!(%proxy, "cannot persist workload certificate: the store writer has stopped");
         }
     }
 
@@ -318,9 +349,10 @@ impl CertManager {
         }
         // Sign without holding the lock: many streams subscribe at once.
         let known = self.entries().contains_key(proxy);
-        let signed = match (!known).then(|| self.load_persisted(proxy, id)).flatten() {
-            Some(cert) => Ok(cert),
-            None => self.sign(id).inspect(|c| self.persist(proxy, c)),
+        let (signed, from_store) = match (!known).then(|| self.load_persisted(proxy, id)).flatten()
+        {
+            Some(cert) => (Ok(cert), true),
+            None => (self.sign(id), false),
         };
         let mut entries = self.entries();
         let now = Instant::now();
@@ -336,10 +368,16 @@ impl CertManager {
                     Some(e) => {
                         e.id = id.clone();
                         e.subscribers += 1;
+                        if !from_store {
+                            self.persist(proxy, &cert);
+                        }
                         self.install(proxy, e, cert, now);
                         e.tx.subscribe()
                     }
                     None => {
+                        if !from_store {
+                            self.persist(proxy, &cert);
+                        }
                         let (tx, rx) = watch::channel(Arc::new(cert));
                         let mut e = Entry {
                             id: id.clone(),
@@ -531,6 +569,9 @@ impl CertManager {
                 }
             }
         }
+        // A restart reuses what is on disk: let queued writes land first.
+        let me = self.clone();
+        let _ = tokio::task::spawn_blocking(move || me.flush_store(Duration::from_secs(10))).await;
         tracing::debug!("certificate rotation stopped");
     }
 
@@ -554,7 +595,7 @@ impl CertManager {
         }
     }
 
-    /// Sign (and persist) one certificate per `(proxy, identity)`, spread
+    /// Sign one certificate per `(proxy, identity)`, spread
     /// over the cores: signing is CPU-bound and a full rotation of 10,000
     /// proxies would otherwise take one core for about a second. Results
     /// come back in input order.
@@ -562,9 +603,7 @@ impl CertManager {
         &self,
         ids: Vec<(ObjectKey, SpiffeId)>,
     ) -> Vec<Result<WorkloadCert, CaError>> {
-        let sign_one = |me: &CertManager, (proxy, id): &(ObjectKey, SpiffeId)| {
-            me.sign(id).inspect(|c| me.persist(proxy, c))
-        };
+        let sign_one = |me: &CertManager, (_, id): &(ObjectKey, SpiffeId)| me.sign(id);
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         // Below a few certificates a thread hop costs more than it saves.
         let workers = cores.min(ids.len() / MIN_PER_SIGNER).max(1);
@@ -650,6 +689,7 @@ impl CertManager {
             Ok(cert) => {
                 e.rotations += 1;
                 tracing::debug!(%proxy, serial = %cert.info.serial, "rotated workload certificate");
+                self.persist(proxy, &cert);
                 self.install(proxy, e, cert, now);
             }
             Err(err) => {
@@ -700,8 +740,8 @@ impl CertManager {
     }
 
     /// Publish a new certificate for an existing entry and schedule its
-    /// renewal. The caller has persisted it already, outside the lock (a
-    /// durable write is two fsyncs).
+    /// renewal. The caller queues it for the store (under the same lock, so
+    /// the store sees certificates in the order they were installed).
     fn install(&self, proxy: &ObjectKey, e: &mut Entry, cert: WorkloadCert, now: Instant) {
         e.tx.send_replace(Arc::new(cert));
         e.last_error = None;
@@ -764,6 +804,40 @@ impl CertManager {
             at,
             proxy: proxy.clone(),
         });
+    }
+}
+
+/// Work for the store writer thread.
+enum StoreMsg {
+    /// Write this certificate and key (PEM) to this file.
+    Write(PathBuf, SecretPem),
+    /// Answer once everything sent before is written.
+    Flush(std::sync::mpsc::SyncSender<()>),
+}
+
+/// The store writer: takes whatever is queued, keeps the newest body per
+/// file, writes them (atomically and durably), answers flushes, repeats.
+/// Ends when every sender is gone.
+fn store_writer(rx: std::sync::mpsc::Receiver<StoreMsg>) {
+    while let Ok(first) = rx.recv() {
+        let mut writes: BTreeMap<PathBuf, SecretPem> = BTreeMap::new();
+        let mut flushes = Vec::new();
+        for msg in std::iter::once(first).chain(rx.try_iter()) {
+            match msg {
+                StoreMsg::Write(path, body) => {
+                    writes.insert(path, body);
+                }
+                StoreMsg::Flush(done) => flushes.push(done),
+            }
+        }
+        for (path, body) in writes {
+            if let Err(e) = super::store::write_private_file(&path, body.expose().as_bytes()) {
+                tracing::warn!("cannot persist workload certificate: {e}");
+            }
+        }
+        for done in flushes {
+            let _ = done.try_send(());
+        }
     }
 }
 
@@ -1125,6 +1199,7 @@ mod tests {
                 .all(|s| s.rotations == 1 && s.last_error.is_none())
         );
         // The renewed certificate is what a restart would reuse.
+        m.flush_store(Duration::from_secs(30));
         let stored =
             std::fs::read_to_string(store.path().join("certs").join("demo.web-7.pem")).unwrap();
         let current = m.current(&pods[7]).unwrap();

@@ -424,7 +424,11 @@ mod tests {
             assert_eq!(all[&key.to_string()], one, "{key}");
         }
         assert_eq!(all["load/pair"].backends.len(), 1);
-        assert_eq!(all["load/svc-1"].backends.len(), 3, "2 generated pods + web-1");
+        assert_eq!(
+            all["load/svc-1"].backends.len(),
+            3,
+            "2 generated pods + web-1"
+        );
     }
 
     #[test]
