@@ -138,7 +138,7 @@ load N="1000" S="100" PROTOCOL="delta" *ARGS:
     cargo build --release --bins
     ulimit -n "$(ulimit -Hn)" && ./target/release/ward-load run --proxies {{N}} --services {{S}} --protocol {{PROTOCOL}} {{ARGS}}
 
-# Full certificate rotation of N connected sidecars (release, Ward in-process).
+# Full certificate rotation of N connected sidecars (release; Ward as a separate process, triggered by POST /certs/rotate).
 load-rotate N="1000" S="100" *ARGS:
     cargo build --release --bins
     ulimit -n "$(ulimit -Hn)" && ./target/release/ward-load rotate --proxies {{N}} --services {{S}} {{ARGS}}

@@ -105,6 +105,37 @@ async fn an_endpoint_change_sends_one_small_resource_to_each_proxy_and_nothing_e
 }
 
 #[tokio::test]
+async fn post_certs_rotate_reissues_every_workload_certificate_over_sds_only() {
+    let w = generated_ward(S, 6).await;
+    let mut ads = client(&w, 1).await;
+    sync(&mut ads).await;
+    w.wait_streams_synced(1).await;
+    let pod = meshgen::pod_key(1).to_string();
+    let before = w.pushes(&pod);
+
+    let resp = reqwest::Client::new()
+        .post(format!("{}/certs/rotate", w.admin()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["scheduled"], 1, "one connected proxy: {body}");
+
+    let sds = ads.recv().await;
+    assert_eq!(sds.type_url, t::SECRET);
+    // Same root: only the workload certificate changed, not the bundle.
+    assert_eq!(delta_names(&sds), ["default"]);
+    ads.ack(&sds).await;
+    // Pushes are counted when sent, so this one is counted already.
+    let after = w.pushes(&pod);
+    for ty in ["cds", "lds", "eds", "rds"] {
+        assert_eq!(before[ty], after[ty], "{ty} was not pushed");
+    }
+    assert_eq!(after["sds"], before["sds"] + 1);
+}
+
+#[tokio::test]
 async fn a_removed_service_is_named_in_removed_resources() {
     let w = generated_ward(S, 6).await;
     let mut ads = client(&w, 1).await;

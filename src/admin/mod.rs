@@ -43,6 +43,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/debug/config", get(config))
         .route("/debug/mesh", get(mesh))
         .route("/ca/rotate", axum::routing::post(rotate_root))
+        .route("/certs/rotate", axum::routing::post(rotate_workload_certs))
         .route("/debug/policy", get(policy))
         .with_state(state)
 }
@@ -142,6 +143,18 @@ async fn rotate_root(State(s): State<AdminState>) -> Response {
             .into_response(),
         Err(e) => (StatusCode::CONFLICT, format!("{e}\n")).into_response(),
     }
+}
+
+/// Re-issue every connected proxy's workload certificate now (same root):
+/// after a suspected key compromise, or to test rotation at scale. Only
+/// SDS secrets are pushed.
+async fn rotate_workload_certs(State(s): State<AdminState>) -> Response {
+    let scheduled = s.certs.rotate_all_now();
+    (
+        StatusCode::ACCEPTED,
+        Json(json!({ "scheduled": scheduled, "issued_before": s.certs.issued_total() })),
+    )
+        .into_response()
 }
 
 async fn config(State(s): State<AdminState>) -> Json<serde_json::Value> {

@@ -7,9 +7,10 @@
 //!   makes endpoint changes and measures convergence (change → last ACK),
 //!   Ward's RSS per connected proxy, bytes per change per proxy and Ward's
 //!   CPU-seconds per change (from /proc).
-//! - `rotate`: Ward in-process, N sidecars connected; renews every
-//!   certificate at once and measures until every sidecar ACKed its new SDS
-//!   secret, counting CDS/LDS pushes (there must be none).
+//! - `rotate`: `ward serve` as a separate process, N sidecars connected;
+//!   `POST /certs/rotate` renews every certificate at once and the run
+//!   measures until every sidecar ACKed its new SDS secret, counting CDS/LDS
+//!   pushes (there must be none).
 //! - `certs`: certificates issued per second on one core, beside the raw
 //!   ECDSA P-256 sign and key generation rates of ring in the same run.
 
@@ -28,7 +29,7 @@ use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-use ward::ca::{Authority, RotationConfig};
+use ward::ca::Authority;
 use ward::meshgen::{self, MeshSpec};
 use ward::model::SpiffeId;
 use ward::translate::{names, type_url};
@@ -46,7 +47,7 @@ struct Cli {
 enum Cmd {
     /// Convergence, memory, bytes and CPU per endpoint change (Ward in its own process).
     Run(RunArgs),
-    /// Full certificate rotation of every connected proxy (Ward in-process).
+    /// Full certificate rotation of every connected proxy (`POST /certs/rotate`).
     Rotate(RunArgs),
     /// Certificate issuance rate on one core, beside ring's raw ECDSA P-256 rates.
     Certs(CertArgs),
@@ -89,6 +90,10 @@ struct RunArgs {
     /// Give up on a phase after this long.
     #[arg(long, default_value = "180s", value_parser = humantime::parse_duration)]
     timeout: Duration,
+    /// Quiet time after every sidecar synced, before measuring (time to
+    /// attach a profiler: Ward's pid is printed when the sidecars synced).
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    settle: Duration,
 }
 
 #[derive(Args)]
@@ -630,8 +635,9 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         })
         .await?;
     let connect_time = t.elapsed();
+    eprintln!("synced; ward pid {}", ward.pid);
     // Quiet: every stream ACKed everything; let Ward finish its bookkeeping.
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    tokio::time::sleep(Duration::from_millis(500) + a.settle).await;
     let (rss1, _) = proc_usage(ward.pid)?;
     let rss_per_proxy = rss1.saturating_sub(rss0) as f64 / a.proxies as f64;
 
@@ -746,6 +752,21 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
 
 // ------------------------------------------------------------ rotate
 
+/// `ward_certs_issued_total` from Ward's `/metrics`.
+async fn issued_total(admin: std::net::SocketAddr) -> anyhow::Result<u64> {
+    let text = reqwest::get(format!("http://{admin}/metrics"))
+        .await?
+        .text()
+        .await?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("ward_certs_issued_total "))
+        .context("ward_certs_issued_total in /metrics")?
+        .trim()
+        .parse::<f64>()
+        .map(|v| v as u64)
+        .context("ward_certs_issued_total")
+}
+
 async fn rotate(a: RunArgs) -> anyhow::Result<()> {
     let (work, _tmp) = work_dir(&a)?;
     let spec = MeshSpec {
@@ -753,38 +774,39 @@ async fn rotate(a: RunArgs) -> anyhow::Result<()> {
         pods: a.proxies,
     };
     meshgen::write_dir(&work.join("config"), &spec)?;
-    let cfg = ward::app::ServeConfig {
-        config_dir: work.join("config"),
-        state_dir: work.join("state"),
-        xds_addr: "127.0.0.1:0".parse()?,
-        admin_addr: "127.0.0.1:0".parse()?,
-        trust_domain: TD.into(),
-        insecure_xds: a.insecure_xds,
-        rotation: RotationConfig::default(),
-        ca_files: None,
-        xds_server_names: vec![],
-        push_debounce: a.debounce,
-        root_rotation_interval: None,
-        policy_step_timeout: Duration::from_secs(30),
+    let authority = if a.insecure_xds {
+        None
+    } else {
+        Some(Authority::load_or_generate_as(
+            &work.join("state").join("xds"),
+            TD,
+            ward::ca::RootKind::Xds,
+        )?)
     };
-    let running = ward::app::start(cfg).await?;
-    let target = Target {
-        addr: running.xds_addr,
-        ca_pem: (!a.insecure_xds).then(|| running.xds_ca.trust_bundle_pem()),
-    };
-    let creds = creds_for((!a.insecure_xds).then_some(&*running.xds_ca), &a)?;
+    let creds = creds_for(authority.as_ref(), &a)?;
+    // Ward in its own process, so each process needs one descriptor per
+    // sidecar, not two, and the rotation's CPU is Ward's alone.
+    let (mut ward, target) = start_ward(&a, &work).await?;
     let fleet = Fleet::start(&a, &target, creds).await?;
     fleet
         .wait("syncing", a.timeout, |_, s| {
             type_url::ORDER.iter().all(|ty| s.count(ty) >= 1)
         })
         .await?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    eprintln!("synced; ward pid {}", ward.pid);
+    tokio::time::sleep(a.settle).await;
     let before = fleet.snapshot();
-    let issued0 = running.certs.issued_total();
+    let issued0 = issued_total(ward.admin).await?;
+    let (_, cpu0) = proc_usage(ward.pid)?;
     let t0 = Instant::now();
     let t0_ns = fleet.base.elapsed().as_nanos() as u64;
-    running.certs.rotate_all_now();
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}/certs/rotate", ward.admin))
+        .send()
+        .await?;
+    if !resp.status().is_success() {
+        bail!("POST /certs/rotate: {}", resp.status());
+    }
     let sds = type_url::ORDER
         .iter()
         .position(|t| *t == type_url::SECRET)
@@ -796,7 +818,8 @@ async fn rotate(a: RunArgs) -> anyhow::Result<()> {
         })
         .await?;
     let all_acked = t0.elapsed();
-    let signed_in = running.certs.issued_total() - issued0;
+    let (_, cpu1) = proc_usage(ward.pid)?;
+    let signed_in = issued_total(ward.admin).await? - issued0;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let after = fleet.snapshot();
     let mut other = [0u64; 5];
@@ -810,8 +833,9 @@ async fn rotate(a: RunArgs) -> anyhow::Result<()> {
         a.proxies, a.services, a.protocol
     );
     println!(
-        "  rotate_all_now → every SDS ACKed   {:.3} s ({signed_in} certificates signed)",
-        all_acked.as_secs_f64()
+        "  POST /certs/rotate → every SDS ACKed {:.3} s ({signed_in} certificates signed, Ward CPU {:.2} s)",
+        all_acked.as_secs_f64(),
+        cpu1 - cpu0
     );
     for (i, ty) in type_url::ORDER.iter().enumerate() {
         println!(
@@ -829,12 +853,13 @@ async fn rotate(a: RunArgs) -> anyhow::Result<()> {
         .position(|t| *t == type_url::LISTENER)
         .context("lds")?];
     println!(
-        "RESULT rotate n={} seconds={:.3} cds_pushes={cds} lds_pushes={lds}",
+        "RESULT rotate n={} seconds={:.3} signed={signed_in} ward_cpu={:.2} cds_pushes={cds} lds_pushes={lds}",
         a.proxies,
-        all_acked.as_secs_f64()
+        all_acked.as_secs_f64(),
+        cpu1 - cpu0
     );
     drop(fleet);
-    running.stop(Duration::from_secs(2)).await;
+    ward.child.kill().await.ok();
     if cds + lds > 0 {
         bail!("rotation pushed CDS/LDS ({cds}/{lds})");
     }

@@ -25,6 +25,12 @@ use super::CaError;
 use super::authority::{Authority, CertInfo, IssuedCert, SecretPem};
 use crate::model::{ObjectKey, SpiffeId};
 
+/// Renewals taken off the queue and signed together, at most.
+const ROTATION_BATCH: usize = 512;
+
+/// Certificates a signing thread gets at least before another is used.
+const MIN_PER_SIGNER: usize = 4;
+
 /// What the manager needs from a CA. [`Authority`] implements it; tests
 /// inject signers that fail on demand.
 pub trait Signer: Send + Sync {
@@ -135,6 +141,10 @@ struct Inner {
     /// Directory where issued certificates (and keys, 0600) are kept so a
     /// restarted Ward reuses them instead of re-issuing for every proxy.
     store: Mutex<Option<PathBuf>>,
+    /// The store's writer thread. Writes are durable (two fsyncs each), so
+    /// they happen off the signing and serving path, in order, the newest
+    /// certificate of a proxy winning over older ones still queued.
+    store_tx: Mutex<Option<std::sync::mpsc::Sender<StoreMsg>>>,
     /// Certificates reused from `store` (status: no needless re-issue).
     reused: AtomicU64,
 }
@@ -192,6 +202,7 @@ impl CertManager {
                 issued: AtomicU64::new(0),
                 failures: AtomicU64::new(0),
                 store: Mutex::new(None),
+                store_tx: Mutex::new(None),
                 reused: AtomicU64::new(0),
             }),
         }
@@ -201,10 +212,31 @@ impl CertManager {
     /// reuse them on the next start while they are still fresh.
     pub fn persist_to(&self, dir: PathBuf) -> Result<(), CaError> {
         super::store::create_private_dir(&dir)?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("ward-cert-store".into())
+            .spawn(move || store_writer(rx))
+            .map_err(|e| CaError::io(&dir, "start the certificate store writer for", e))?;
         if let Ok(mut s) = self.inner.store.lock() {
             *s = Some(dir);
         }
+        // Replacing a sender ends the previous writer once it has drained.
+        if let Ok(mut t) = self.inner.store_tx.lock() {
+            *t = Some(tx);
+        }
         Ok(())
+    }
+
+    /// Wait (at most `timeout`) until every certificate handed to the store
+    /// so far is on disk. Called at shutdown, so a restart finds them.
+    pub fn flush_store(&self, timeout: Duration) {
+        let Some(tx) = self.inner.store_tx.lock().ok().and_then(|t| t.clone()) else {
+            return;
+        };
+        let (done_tx, done_rx) = std::sync::mpsc::sync_channel(1);
+        if tx.send(StoreMsg::Flush(done_tx)).is_ok() && done_rx.recv_timeout(timeout).is_err() {
+            tracing::warn!("certificate store writes did not finish within {timeout:?}");
+        }
     }
 
     /// Drop certificates kept only for reconnects (no subscriber): after a
@@ -228,13 +260,18 @@ impl CertManager {
         Some(dir.join(format!("{}.{}.pem", proxy.namespace, proxy.name)))
     }
 
+    /// Queue `cert` for the store (see `store_tx`).
     fn persist(&self, proxy: &ObjectKey, cert: &WorkloadCert) {
         let Some(path) = self.store_path(proxy) else {
             return;
         };
-        let body = format!("{}{}", cert.cert_pem, cert.key_pem.expose());
-        if let Err(e) = super::store::write_private_file(&path, body.as_bytes()) {
-            tracing::warn!(%proxy, "cannot persist workload certificate: {e}");
+        let body = SecretPem::new(format!("{}{}", cert.cert_pem, cert.key_pem.expose()));
+        let sent = self.inner.store_tx.lock().ok().and_then(|t| {
+            t.as_ref()
+                .map(|tx| tx.send(StoreMsg::Write(path, body)).is_ok())
+        });
+        if sent != Some(true) {
+            tracing::warn!(%proxy, "cannot persist workload certificate: the store writer has stopped");
         }
     }
 
@@ -312,9 +349,10 @@ impl CertManager {
         }
         // Sign without holding the lock: many streams subscribe at once.
         let known = self.entries().contains_key(proxy);
-        let signed = match (!known).then(|| self.load_persisted(proxy, id)).flatten() {
-            Some(cert) => Ok(cert),
-            None => self.sign(id).inspect(|c| self.persist(proxy, c)),
+        let (signed, from_store) = match (!known).then(|| self.load_persisted(proxy, id)).flatten()
+        {
+            Some(cert) => (Ok(cert), true),
+            None => (self.sign(id), false),
         };
         let mut entries = self.entries();
         let now = Instant::now();
@@ -330,10 +368,16 @@ impl CertManager {
                     Some(e) => {
                         e.id = id.clone();
                         e.subscribers += 1;
+                        if !from_store {
+                            self.persist(proxy, &cert);
+                        }
                         self.install(proxy, e, cert, now);
                         e.tx.subscribe()
                     }
                     None => {
+                        if !from_store {
+                            self.persist(proxy, &cert);
+                        }
                         let (tx, rx) = watch::channel(Arc::new(cert));
                         let mut e = Entry {
                             id: id.clone(),
@@ -406,15 +450,20 @@ impl CertManager {
         self.entries().get(proxy).map(|e| e.tx.borrow().clone())
     }
 
-    /// Renew every subscribed proxy's certificate now (after a root change).
-    pub fn rotate_all_now(&self) {
+    /// Renew every subscribed proxy's certificate now (after a root
+    /// change, or on an operator's `POST /certs/rotate`). Returns how many
+    /// renewals were scheduled.
+    pub fn rotate_all_now(&self) -> usize {
         let mut entries = self.entries();
         let now = Instant::now();
+        let mut scheduled = 0;
         for (proxy, e) in entries.iter_mut() {
             if e.subscribers > 0 {
                 self.schedule(proxy, e, now, false);
+                scheduled += 1;
             }
         }
+        scheduled
     }
 
     /// Certificates signed so far (first issues and renewals).
@@ -494,54 +543,145 @@ impl CertManager {
                 },
                 _ = sleep_until_opt(next_due) => {
                     let now = Instant::now();
-                    let mut handled = 0usize;
-                    while let Some(entry) = queue.first_entry() {
-                        if entry.key().0 > now {
+                    // Take what is due in batches: each batch is signed on
+                    // every core at once, then published, so a full rotation
+                    // of thousands of proxies streams out batch by batch
+                    // instead of waiting for the last signature.
+                    loop {
+                        let mut due = Vec::new();
+                        while due.len() < ROTATION_BATCH {
+                            let Some(entry) = queue.first_entry() else {
+                                break;
+                            };
+                            if entry.key().0 > now {
+                                break;
+                            }
+                            let ((at, _), proxy) = entry.remove_entry();
+                            due.push((proxy, at));
+                        }
+                        if due.is_empty() {
                             break;
                         }
-                        let ((at, _), proxy) = entry.remove_entry();
-                        self.attempt(&proxy, at);
-                        handled += 1;
+                        self.attempt_batch(due).await;
                         // Thousands of renewals at once must not starve other tasks.
-                        if handled.is_multiple_of(64) {
-                            tokio::task::yield_now().await;
-                        }
+                        tokio::task::yield_now().await;
                     }
                 }
             }
         }
+        // A restart reuses what is on disk: let queued writes land first.
+        let me = self.clone();
+        let _ = tokio::task::spawn_blocking(move || me.flush_store(Duration::from_secs(10))).await;
         tracing::debug!("certificate rotation stopped");
     }
 
-    /// Handle one due queue item.
-    fn attempt(&self, proxy: &ObjectKey, at: Instant) {
+    /// Handle due queue items: decide which need a new certificate, sign
+    /// those in parallel, then publish each result (or schedule its retry).
+    async fn attempt_batch(&self, due: Vec<(ObjectKey, Instant)>) {
+        let jobs: Vec<(ObjectKey, Instant, SpiffeId)> = due
+            .into_iter()
+            .filter_map(|(proxy, at)| self.due_identity(&proxy, at).map(|id| (proxy, at, id)))
+            .collect();
+        if jobs.is_empty() {
+            return;
+        }
+        let ids: Vec<(ObjectKey, SpiffeId)> = jobs
+            .iter()
+            .map(|(proxy, _, id)| (proxy.clone(), id.clone()))
+            .collect();
+        let results = self.sign_parallel(ids).await;
+        for ((proxy, at, id), signed) in jobs.into_iter().zip(results) {
+            self.finish_attempt(&proxy, at, &id, signed);
+        }
+    }
+
+    /// Sign one certificate per `(proxy, identity)`, spread
+    /// over the cores: signing is CPU-bound and a full rotation of 10,000
+    /// proxies would otherwise take one core for about a second. Results
+    /// come back in input order.
+    async fn sign_parallel(
+        &self,
+        ids: Vec<(ObjectKey, SpiffeId)>,
+    ) -> Vec<Result<WorkloadCert, CaError>> {
+        let sign_one = |me: &CertManager, (_, id): &(ObjectKey, SpiffeId)| me.sign(id);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // Below a few certificates a thread hop costs more than it saves.
+        let workers = cores.min(ids.len() / MIN_PER_SIGNER).max(1);
+        if workers == 1 {
+            return ids.iter().map(|job| sign_one(self, job)).collect();
+        }
+        let per_worker = ids.len().div_ceil(workers);
+        let mut parts = Vec::with_capacity(workers);
+        let mut rest = ids;
+        while !rest.is_empty() {
+            let tail = rest.split_off(per_worker.min(rest.len()));
+            parts.push(std::mem::replace(&mut rest, tail));
+        }
+        let handles: Vec<_> = parts
+            .into_iter()
+            .map(|part| {
+                let me = self.clone();
+                let len = part.len();
+                let task = tokio::task::spawn_blocking(move || {
+                    part.iter()
+                        .map(|job| sign_one(&me, job))
+                        .collect::<Vec<_>>()
+                });
+                (task, len)
+            })
+            .collect();
+        let mut out = Vec::new();
+        for (task, len) in handles {
+            match task.await {
+                Ok(results) => out.extend(results),
+                // A panicking signer must not take rotation down: the
+                // affected proxies are retried with backoff like any failure.
+                Err(e) => out.extend((0..len).map(|_| {
+                    Err(CaError::sign(
+                        "workload certificate",
+                        format!("the signing task failed: {e}"),
+                    ))
+                })),
+            }
+        }
+        out
+    }
+
+    /// For a due queue item: the identity to sign for, or `None` when the
+    /// item is stale or the entry only needed an expiry check.
+    fn due_identity(&self, proxy: &ObjectKey, at: Instant) -> Option<SpiffeId> {
         let now = Instant::now();
-        let id = {
-            let mut entries = self.entries();
-            let Some(e) = entries.get_mut(proxy) else {
-                return;
-            };
-            if e.next_attempt != at {
-                return; // superseded by a newer schedule
+        let mut entries = self.entries();
+        let e = entries.get_mut(proxy)?;
+        if e.next_attempt != at {
+            return None; // superseded by a newer schedule
+        }
+        if e.subscribers == 0 {
+            if now >= e.expires_at {
+                entries.remove(proxy);
+                tracing::debug!(%proxy, "purged expired certificate");
+            } else if !e.purge_pending {
+                let expires_at = e.expires_at;
+                self.schedule(proxy, e, expires_at, true);
             }
-            if e.subscribers == 0 {
-                if now >= e.expires_at {
-                    entries.remove(proxy);
-                    tracing::debug!(%proxy, "purged expired certificate");
-                } else if !e.purge_pending {
-                    let expires_at = e.expires_at;
-                    self.schedule(proxy, e, expires_at, true);
-                }
-                return;
-            }
-            e.id.clone()
-        };
-        let signed = self.sign(&id);
+            return None;
+        }
+        Some(e.id.clone())
+    }
+
+    /// Publish a renewal's result, or schedule its retry.
+    fn finish_attempt(
+        &self,
+        proxy: &ObjectKey,
+        at: Instant,
+        id: &SpiffeId,
+        signed: Result<WorkloadCert, CaError>,
+    ) {
         let mut entries = self.entries();
         let Some(e) = entries.get_mut(proxy) else {
             return;
         };
-        if e.next_attempt != at || e.id != id {
+        if e.next_attempt != at || e.id != *id {
             return; // a subscribe replaced the certificate meanwhile
         }
         let now = Instant::now();
@@ -549,6 +689,7 @@ impl CertManager {
             Ok(cert) => {
                 e.rotations += 1;
                 tracing::debug!(%proxy, serial = %cert.info.serial, "rotated workload certificate");
+                self.persist(proxy, &cert);
                 self.install(proxy, e, cert, now);
             }
             Err(err) => {
@@ -598,9 +739,10 @@ impl CertManager {
         })
     }
 
-    /// Publish a new certificate for an existing entry and schedule its renewal.
+    /// Publish a new certificate for an existing entry and schedule its
+    /// renewal. The caller queues it for the store (under the same lock, so
+    /// the store sees certificates in the order they were installed).
     fn install(&self, proxy: &ObjectKey, e: &mut Entry, cert: WorkloadCert, now: Instant) {
-        self.persist(proxy, &cert);
         e.tx.send_replace(Arc::new(cert));
         e.last_error = None;
         e.consecutive_failures = 0;
@@ -662,6 +804,40 @@ impl CertManager {
             at,
             proxy: proxy.clone(),
         });
+    }
+}
+
+/// Work for the store writer thread.
+enum StoreMsg {
+    /// Write this certificate and key (PEM) to this file.
+    Write(PathBuf, SecretPem),
+    /// Answer once everything sent before is written.
+    Flush(std::sync::mpsc::SyncSender<()>),
+}
+
+/// The store writer: takes whatever is queued, keeps the newest body per
+/// file, writes them (atomically and durably), answers flushes, repeats.
+/// Ends when every sender is gone.
+fn store_writer(rx: std::sync::mpsc::Receiver<StoreMsg>) {
+    while let Ok(first) = rx.recv() {
+        let mut writes: BTreeMap<PathBuf, SecretPem> = BTreeMap::new();
+        let mut flushes = Vec::new();
+        for msg in std::iter::once(first).chain(rx.try_iter()) {
+            match msg {
+                StoreMsg::Write(path, body) => {
+                    writes.insert(path, body);
+                }
+                StoreMsg::Flush(done) => flushes.push(done),
+            }
+        }
+        for (path, body) in writes {
+            if let Err(e) = super::store::write_private_file(&path, body.expose().as_bytes()) {
+                tracing::warn!("cannot persist workload certificate: {e}");
+            }
+        }
+        for done in flushes {
+            let _ = done.try_send(());
+        }
     }
 }
 
@@ -985,6 +1161,81 @@ mod tests {
         let cert = rx.borrow_and_update().clone();
         assert_eq!(cert.trust_bundle_pem, a2.trust_bundle_pem());
         assert_eq!(cert.info.issuer, a2.signing_cert().subject);
+        shutdown.cancel();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rotate_all_now_renews_every_proxy_in_parallel_batches_and_persists() {
+        // More proxies than one batch, so the queue is drained batch by batch.
+        let n = ROTATION_BATCH + 40;
+        let store = tempfile::tempdir().unwrap();
+        let signer = FlakySigner::new();
+        let (m, shutdown) = start(signer.clone(), RotationConfig::default());
+        m.persist_to(store.path().join("certs")).unwrap();
+        let pods: Vec<ObjectKey> = (0..n)
+            .map(|i| ObjectKey::new("demo", format!("web-{i}")))
+            .collect();
+        let mut rxs: Vec<_> = pods
+            .iter()
+            .map(|p| m.subscribe(p, &id()).unwrap())
+            .collect();
+        let first: Vec<String> = rxs
+            .iter_mut()
+            .map(|rx| rx.borrow_and_update().info.serial.clone())
+            .collect();
+
+        assert_eq!(m.rotate_all_now(), n);
+        for (rx, old) in rxs.iter_mut().zip(&first) {
+            tokio::time::timeout(Duration::from_secs(60), rx.changed())
+                .await
+                .expect("every proxy gets a new certificate")
+                .unwrap();
+            assert_ne!(&rx.borrow_and_update().info.serial, old);
+        }
+        assert_eq!(m.issued_total(), 2 * n as u64);
+        assert!(
+            m.status()
+                .iter()
+                .all(|s| s.rotations == 1 && s.last_error.is_none())
+        );
+        // The renewed certificate is what a restart would reuse.
+        m.flush_store(Duration::from_secs(30));
+        let stored =
+            std::fs::read_to_string(store.path().join("certs").join("demo.web-7.pem")).unwrap();
+        let current = m.current(&pods[7]).unwrap();
+        assert!(
+            stored.starts_with(&current.cert_pem),
+            "the store holds the renewed certificate"
+        );
+        shutdown.cancel();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_batch_keeps_every_certificate_and_schedules_retries() {
+        let signer = FlakySigner::new();
+        let (m, shutdown) = start(signer.clone(), RotationConfig::default());
+        let pods: Vec<ObjectKey> = (0..20)
+            .map(|i| ObjectKey::new("demo", format!("web-{i}")))
+            .collect();
+        let rxs: Vec<_> = pods
+            .iter()
+            .map(|p| m.subscribe(p, &id()).unwrap())
+            .collect();
+        signer.set_fail(true);
+        assert_eq!(m.rotate_all_now(), 20);
+        crate::local::eventually(Duration::from_secs(30), || async {
+            (m.failures_total() >= 20).then_some(())
+        })
+        .await
+        .expect("every renewal of the batch failed");
+        for (rx, status) in rxs.iter().zip(m.status()) {
+            assert!(
+                !rx.has_changed().unwrap(),
+                "no certificate replaced by a failure"
+            );
+            assert_eq!(status.consecutive_failures, 1);
+            assert!(status.last_error.unwrap().contains("injected failure"));
+        }
         shutdown.cancel();
     }
 

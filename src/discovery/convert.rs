@@ -79,21 +79,31 @@ pub fn build_mesh(objects: &ObjectSet) -> (Mesh, Vec<ConfigError>) {
         }
     }
 
-    // Workloads by namespace, so selector matching does not scan every pod
-    // of the mesh for every Service.
-    let mut workloads_by_ns: BTreeMap<&str, Vec<&Workload>> = BTreeMap::new();
+    // Workloads by (namespace, label, value), in key order, so selector
+    // matching only looks at pods carrying the selector's first label: a
+    // scan of the namespace per Service was O(services × pods) per reload.
+    let mut workloads_by_label: std::collections::HashMap<(&str, &str, &str), Vec<&Workload>> =
+        std::collections::HashMap::new();
     for w in mesh.workloads.values() {
-        workloads_by_ns
-            .entry(w.key.namespace.as_str())
-            .or_default()
-            .push(w);
+        for (k, v) in &w.labels {
+            workloads_by_label
+                .entry((w.key.namespace.as_str(), k.as_str(), v.as_str()))
+                .or_default()
+                .push(w);
+        }
     }
 
     let mut endpoints = BTreeMap::new();
     for svc in mesh.services.values() {
         let slices = slices_by_service.get(&(svc.key.namespace.as_str(), svc.key.name.as_str()));
-        let candidates = workloads_by_ns
-            .get(svc.key.namespace.as_str())
+        // A Service without selector selects nothing (`Service::selects`).
+        let candidates = svc
+            .selector
+            .iter()
+            .next()
+            .and_then(|(k, v)| {
+                workloads_by_label.get(&(svc.key.namespace.as_str(), k.as_str(), v.as_str()))
+            })
             .map(Vec::as_slice)
             .unwrap_or_default();
         for port in &svc.ports {

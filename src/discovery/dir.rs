@@ -108,8 +108,15 @@ impl DirSource {
         let mut watcher = {
             let wake = Arc::clone(&wake);
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                if let Err(e) = event {
-                    warn!(error = %e, "file watch error; reloading the discovery directory");
+                match &event {
+                    Err(e) => {
+                        warn!(error = %e, "file watch error; reloading the discovery directory")
+                    }
+                    // Opening and reading a file (the reload itself does)
+                    // changes nothing; reacting to it made every reload
+                    // trigger the next, several full reloads a second.
+                    Ok(ev) if is_read_only(&ev.kind) => return,
+                    Ok(_) => {}
                 }
                 // Any event reloads: renames, symlink swaps (mounted
                 // ConfigMaps) and directory changes all matter, and the
@@ -199,6 +206,13 @@ impl DirSource {
     }
 }
 
+/// A watch event that changes no file: opening, reading or closing a file
+/// without writing it.
+fn is_read_only(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode};
+    matches!(kind, notify::EventKind::Access(a) if *a != AccessKind::Close(AccessMode::Write))
+}
+
 /// Run one load on the blocking pool (it reads files), handing the loader
 /// back for the next time.
 async fn reload(
@@ -243,6 +257,11 @@ struct Snapshot {
 struct FileState {
     /// Hash of the content last read; an unchanged file is not parsed again.
     digest: Option<[u8; 32]>,
+    /// Size, mtime, ctime and inode when the content was last read, and
+    /// whether the file had been stable for a while then: an unchanged stamp
+    /// of a stable file skips reading and hashing it (the 3 MB manifest of a
+    /// 10,000-pod mesh was hashed on every change of any other file).
+    stamp: Option<FileStamp>,
     /// The objects of the last version of the file that had no error.
     last_good: Vec<(ObjectKey, KubeObject)>,
     /// Errors of the current version (empty when it is the last good one).
@@ -368,16 +387,56 @@ fn list_files(
     Ok(())
 }
 
+/// What identifies a version of a file without reading it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileStamp {
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+    ino: u64,
+}
+
+impl FileStamp {
+    fn of(meta: &fs::Metadata) -> FileStamp {
+        use std::os::unix::fs::MetadataExt;
+        FileStamp {
+            len: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+            ino: meta.ino(),
+        }
+    }
+}
+
+/// A file modified less than this before it was read may be modified again
+/// within the same timestamp tick, so its stamp is not trusted (git's
+/// "racily clean" rule).
+const STAMP_SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
+
 fn read_file(path: &Path, previous: Option<FileState>) -> FileState {
     let mut state = previous.unwrap_or(FileState {
         digest: None,
+        stamp: None,
         last_good: Vec::new(),
         errors: Vec::new(),
     });
+    let before = fs::metadata(path).ok();
+    let stamp = before.as_ref().map(FileStamp::of);
+    if stamp.is_some() && state.digest.is_some() && state.stamp == stamp {
+        return state;
+    }
+    // Trust this stamp next time only if the file was already settled now.
+    let settled = before
+        .as_ref()
+        .and_then(|m| m.modified().ok())
+        .and_then(|t| std::time::SystemTime::now().duration_since(t).ok())
+        .is_some_and(|age| age > STAMP_SETTLE);
+    state.stamp = stamp.filter(|_| settled);
     let bytes = match fs::read(path) {
         Ok(b) => b,
         Err(e) => {
             state.digest = None;
+            state.stamp = None;
             state.errors = vec![
                 ConfigError::new("file", "", format!("cannot be read: {e}")).with_source(path),
             ];
@@ -959,6 +1018,18 @@ mod tests {
         assert!(
             !mesh_rx.has_changed().unwrap(),
             "a no-op write must not publish a mesh"
+        );
+
+        // Reading the files (the reload itself) is no reason to reload:
+        // with nothing written, the reload count stays put.
+        let quiet = eventually_status(&mut status_rx, |_| true).await.reloads;
+        status_rx.mark_unchanged();
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), status_rx.changed())
+                .await
+                .is_err(),
+            "reloaded without a change: {} reloads, then more",
+            quiet
         );
 
         // A new file with an error: reported, the rest unaffected.

@@ -544,6 +544,49 @@ impl Mesh {
         out
     }
 
+    /// [`Mesh::service_accounts`] of every service at once, in
+    /// O(workloads × labels) instead of O(services × workloads): each
+    /// service is indexed under the first pair of its selector, and a
+    /// workload is only checked against the services indexed under one of
+    /// its own labels. Translation calls this once per mesh.
+    pub fn service_accounts_by_service(&self) -> BTreeMap<&ObjectKey, BTreeSet<&str>> {
+        let mut out: BTreeMap<&ObjectKey, BTreeSet<&str>> = BTreeMap::new();
+        // (namespace, label key, label value) -> services whose selector starts with it.
+        let mut by_first_label: std::collections::HashMap<(&str, &str, &str), Vec<&Service>> =
+            std::collections::HashMap::new();
+        for svc in self.services.values() {
+            let mut accounts = BTreeSet::new();
+            for (_, eps) in self
+                .endpoints
+                .range((svc.key.clone(), 0)..=(svc.key.clone(), u16::MAX))
+            {
+                accounts.extend(eps.iter().filter_map(|e| e.service_account.as_deref()));
+            }
+            out.insert(&svc.key, accounts);
+            if let Some((k, v)) = svc.selector.iter().next() {
+                by_first_label
+                    .entry((svc.key.namespace.as_str(), k.as_str(), v.as_str()))
+                    .or_default()
+                    .push(svc);
+            }
+        }
+        for w in self.workloads.values() {
+            for (k, v) in &w.labels {
+                let Some(services) =
+                    by_first_label.get(&(w.key.namespace.as_str(), k.as_str(), v.as_str()))
+                else {
+                    continue;
+                };
+                for svc in services.iter().filter(|s| s.selects(w)) {
+                    if let Some(set) = out.get_mut(&svc.key) {
+                        set.insert(w.service_account.as_str());
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// mTLS state of a service port (mesh default when no policy resolved it).
     pub fn port_policy(&self, service: &ObjectKey, port: u16) -> PortPolicy {
         self.mtls
@@ -623,6 +666,70 @@ mod tests {
             outbound_ip: "127.0.0.10".parse().unwrap(),
             interception: Default::default(),
         }
+    }
+
+    #[test]
+    fn service_accounts_by_service_matches_the_per_service_scan() {
+        let svc = |ns: &str, name: &str, sel: &[(&str, &str)]| Service {
+            key: ObjectKey::new(ns, name),
+            ports: vec![],
+            selector: sel
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            cluster_ips: Vec::new(),
+        };
+        let mut mesh = Mesh::default();
+        for s in [
+            svc("demo", "web", &[("app", "web")]),
+            // Two labels: the index is on the first, both must match.
+            svc("demo", "web-v2", &[("app", "web"), ("version", "v2")]),
+            svc("demo", "by-tier", &[("tier", "front")]),
+            svc("demo", "no-selector", &[]),
+            svc("other", "web", &[("app", "web")]),
+        ] {
+            mesh.services.insert(s.key.clone(), s);
+        }
+        for w in [
+            workload("demo", "w1", "sa-web", &[("app", "web"), ("version", "v1")]),
+            workload(
+                "demo",
+                "w2",
+                "sa-v2",
+                &[("app", "web"), ("version", "v2"), ("tier", "front")],
+            ),
+            workload("other", "w3", "sa-other", &[("app", "web")]),
+            workload("demo", "w4", "sa-none", &[("app", "db")]),
+        ] {
+            mesh.workloads.insert(w.key.clone(), w);
+        }
+        // A selector-less service gets accounts only from its endpoints.
+        mesh.endpoints.insert(
+            (ObjectKey::new("demo", "no-selector"), 80),
+            vec![Endpoint {
+                ip: "10.0.0.9".parse().unwrap(),
+                port: 80,
+                ready: true,
+                workload: None,
+                service_account: Some("sa-external".into()),
+            }],
+        );
+        let index = mesh.service_accounts_by_service();
+        assert_eq!(index.len(), mesh.services.len());
+        for key in mesh.services.keys() {
+            let scanned = mesh.service_accounts(key);
+            let indexed: BTreeSet<String> = index[key].iter().map(|s| s.to_string()).collect();
+            assert_eq!(indexed, scanned, "{key}");
+        }
+        assert_eq!(
+            index[&ObjectKey::new("demo", "web")],
+            ["sa-v2", "sa-web"].into()
+        );
+        assert_eq!(index[&ObjectKey::new("demo", "web-v2")], ["sa-v2"].into());
+        assert_eq!(
+            index[&ObjectKey::new("demo", "no-selector")],
+            ["sa-external"].into()
+        );
     }
 
     #[test]

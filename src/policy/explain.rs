@@ -12,7 +12,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::resolve::{ChainLink, Level, Resolved};
-use crate::model::{ClientTls, Mesh, MtlsMode, ObjectKey, ServicePortKey, TargetPort};
+use crate::model::{
+    ClientTls, Mesh, MtlsMode, ObjectKey, Service, ServicePortKey, TargetPort, Workload,
+};
 use crate::translate::listener::inbound_chain_stat_prefix;
 
 /// Where `ward bootstrap` puts a sidecar's Envoy admin by default (on the pod IP).
@@ -96,6 +98,73 @@ pub fn explain_service(
         .services
         .get(service)
         .ok_or_else(|| ExplainError::UnknownService(service.clone()))?;
+    Ok(explain_with(
+        mesh,
+        resolved,
+        steps,
+        svc,
+        mesh.workloads.values(),
+        mesh.has_sidecars(&svc.key),
+    ))
+}
+
+/// [`explain_service`] for every service of the mesh, by `namespace/name`.
+/// Selector matching goes through an index of workloads by label, so this
+/// is O(workloads × labels), not O(services × workloads): the policy
+/// controller refreshes it on every mesh change.
+pub fn explain_services(
+    mesh: &Mesh,
+    resolved: &BTreeMap<ServicePortKey, Resolved>,
+    steps: &BTreeMap<ServicePortKey, String>,
+) -> BTreeMap<String, ServiceExplain> {
+    let accounts = mesh.service_accounts_by_service();
+    let mut by_label: std::collections::HashMap<(&str, &str, &str), Vec<&Workload>> =
+        std::collections::HashMap::new();
+    for w in mesh.workloads.values() {
+        for (k, v) in &w.labels {
+            by_label
+                .entry((w.key.namespace.as_str(), k.as_str(), v.as_str()))
+                .or_default()
+                .push(w);
+        }
+    }
+    mesh.services
+        .values()
+        .map(|svc| {
+            // Every workload a selector picks carries its first label.
+            let candidates = svc
+                .selector
+                .iter()
+                .next()
+                .and_then(|(k, v)| {
+                    by_label.get(&(svc.key.namespace.as_str(), k.as_str(), v.as_str()))
+                })
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            let has_sidecars = accounts.get(&svc.key).is_some_and(|a| !a.is_empty());
+            (
+                svc.key.to_string(),
+                explain_with(
+                    mesh,
+                    resolved,
+                    steps,
+                    svc,
+                    candidates.iter().copied(),
+                    has_sidecars,
+                ),
+            )
+        })
+        .collect()
+}
+
+fn explain_with<'a>(
+    mesh: &Mesh,
+    resolved: &BTreeMap<ServicePortKey, Resolved>,
+    steps: &BTreeMap<ServicePortKey, String>,
+    svc: &Service,
+    backends: impl Iterator<Item = &'a Workload>,
+    has_sidecars: bool,
+) -> ServiceExplain {
     let ports = svc
         .ports
         .iter()
@@ -111,7 +180,12 @@ pub fn explain_service(
                 decided_by: r.and_then(|r| r.decided_by),
                 chain: r.map(|r| r.chain.clone()).unwrap_or_default(),
                 servers_accept: applied.server,
-                clients_send: if crate::translate::cluster::originates_mtls(mesh, svc, p) {
+                clients_send: if crate::translate::cluster::originates_mtls_with(
+                    mesh,
+                    svc,
+                    p,
+                    has_sidecars,
+                ) {
                     ClientTls::Mtls
                 } else {
                     ClientTls::Plaintext
@@ -121,9 +195,7 @@ pub fn explain_service(
             }
         })
         .collect();
-    let backends = mesh
-        .workloads
-        .values()
+    let backends = backends
         .filter(|w| svc.selects(w))
         .map(|w| Backend {
             pod: w.key.clone(),
@@ -135,12 +207,12 @@ pub fn explain_service(
                 .collect(),
         })
         .collect();
-    Ok(ServiceExplain {
+    ServiceExplain {
         service: svc.key.clone(),
-        has_sidecars: mesh.has_sidecars(&svc.key),
+        has_sidecars,
         ports,
         backends,
-    })
+    }
 }
 
 /// Ask each backend's Envoy admin (`<pod IP>:<envoy_admin_port>`) for the
@@ -322,6 +394,42 @@ pub async fn fetch(admin: &str, service: &ObjectKey) -> Result<ServiceExplain, E
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn explain_services_equals_explain_service_for_each_service() {
+        let tmp = tempfile::tempdir().unwrap();
+        // Pods spread over services, plus a pod of another namespace and a
+        // service whose selector is on two labels.
+        let mut yaml = crate::meshgen::mesh_yaml(&crate::meshgen::MeshSpec {
+            services: 3,
+            pods: 7,
+        });
+        yaml.push_str(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {name: pair, namespace: load}\n\
+             spec:\n  selector: {app: svc-1, tier: web}\n  ports:\n  - {name: http, port: 9000, targetPort: 9000}\n\
+             ---\napiVersion: v1\nkind: Pod\nmetadata: {name: web-1, namespace: load, labels: {app: svc-1, tier: web}}\n\
+             spec:\n  serviceAccountName: web\n  containers:\n  - name: app\n    ports:\n    - {name: http, containerPort: 9000}\n\
+             status: {podIP: 10.9.0.1}\n\
+             ---\napiVersion: v1\nkind: Pod\nmetadata: {name: stray, namespace: other, labels: {app: svc-1}}\n\
+             status: {podIP: 10.9.0.2}\n",
+        );
+        std::fs::write(tmp.path().join("mesh.yaml"), yaml).unwrap();
+        let (mesh, _, errors) = crate::discovery::DirSource::load_once(tmp.path()).unwrap();
+        assert!(errors.is_empty(), "{errors:?}");
+        let resolved = crate::policy::resolve::resolve(&mesh, &BTreeMap::new());
+        let all = explain_services(&mesh, &resolved, &BTreeMap::new());
+        assert_eq!(all.len(), mesh.services.len());
+        for key in mesh.services.keys() {
+            let one = explain_service(&mesh, &resolved, &BTreeMap::new(), key).unwrap();
+            assert_eq!(all[&key.to_string()], one, "{key}");
+        }
+        assert_eq!(all["load/pair"].backends.len(), 1);
+        assert_eq!(
+            all["load/svc-1"].backends.len(),
+            3,
+            "2 generated pods + web-1"
+        );
+    }
 
     #[test]
     fn counters_are_read_per_chain_kind() {

@@ -306,6 +306,22 @@ impl PolicyController {
 
     /// The published mesh: the input with the applied mTLS state.
     fn publish(&mut self) {
+        // Outside a rollout the applied state is discovery's: publish the
+        // input `Arc` itself. Copying and comparing the whole mesh (every
+        // workload) on each endpoint change was a serial O(pods) cost on
+        // the way to every push. Discovery publishes only changed meshes,
+        // so a new input `Arc` is a change.
+        if self.mesh.mtls == self.applied {
+            let mesh = self.mesh.clone();
+            self.output.send_if_modified(|current| {
+                if Arc::ptr_eq(current, &mesh) {
+                    return false;
+                }
+                *current = mesh;
+                true
+            });
+            return;
+        }
         let mut mesh = (*self.mesh).clone();
         mesh.mtls = self.applied.clone();
         self.output.send_if_modified(|current| {
@@ -332,15 +348,7 @@ impl PolicyController {
             .unwrap_or_default();
         errors.extend(self.errors.iter().cloned());
         let published = self.output.borrow().clone();
-        let services = published
-            .services
-            .keys()
-            .filter_map(|k| {
-                explain::explain_service(&published, &self.resolved, &self.steps, k)
-                    .ok()
-                    .map(|e| (k.to_string(), e))
-            })
-            .collect();
+        let services = explain::explain_services(&published, &self.resolved, &self.steps);
         let status = PolicyStatus {
             policies: self.in_force.values().cloned().collect(),
             errors,

@@ -1,7 +1,7 @@
 //! Clusters: the outbound EDS cluster toward each service port (shared by
 //! every proxy) and the static inbound cluster toward the local app.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
@@ -54,7 +54,17 @@ fn http_protocol_options(protocol: Protocol) -> HashMap<String, Any> {
 /// SPIFFE ids a client accepts from the servers of `service`, sorted (the
 /// model returns a `BTreeSet`).
 pub fn server_identities(mesh: &Mesh, trust_domain: &str, service: &Service) -> Vec<String> {
-    mesh.service_accounts(&service.key)
+    let accounts = mesh.service_accounts(&service.key);
+    identities(trust_domain, service, accounts.iter().map(String::as_str))
+}
+
+/// SPIFFE ids of `accounts` (sorted) in the namespace of `service`.
+fn identities<'a>(
+    trust_domain: &str,
+    service: &Service,
+    accounts: impl IntoIterator<Item = &'a str>,
+) -> Vec<String> {
+    accounts
         .into_iter()
         .map(|sa| crate::model::SpiffeId::new(trust_domain, &service.key.namespace, sa).uri())
         .collect()
@@ -69,8 +79,18 @@ pub fn server_identities(mesh: &Mesh, trust_domain: &str, service: &Service) -> 
 /// DISABLE → STRICT rollout the servers only accept mTLS once every client
 /// has switched, so a client must not switch before its step.
 pub fn originates_mtls(mesh: &Mesh, service: &Service, port: &ServicePort) -> bool {
+    originates_mtls_with(mesh, service, port, mesh.has_sidecars(&service.key))
+}
+
+/// [`originates_mtls`] with the "has sidecars" answer computed by the caller.
+pub fn originates_mtls_with(
+    mesh: &Mesh,
+    service: &Service,
+    port: &ServicePort,
+    has_sidecars: bool,
+) -> bool {
     let p = mesh.port_policy(&service.key, port.port);
-    p.server == MtlsMode::Strict || (p.client == ClientTls::Mtls && mesh.has_sidecars(&service.key))
+    p.server == MtlsMode::Strict || (p.client == ClientTls::Mtls && has_sidecars)
 }
 
 /// Outbound cluster toward `service:port`, endpoints from EDS, mTLS or
@@ -78,16 +98,40 @@ pub fn originates_mtls(mesh: &Mesh, service: &Service, port: &ServicePort) -> bo
 /// ids; when none is known (a STRICT port without known backends) any
 /// identity of the service's namespace.
 pub fn outbound(mesh: &Mesh, trust_domain: &str, service: &Service, port: &ServicePort) -> Cluster {
+    let accounts = mesh.service_accounts(&service.key);
+    outbound_with_accounts(
+        mesh,
+        trust_domain,
+        service,
+        port,
+        &accounts.iter().map(String::as_str).collect(),
+    )
+}
+
+/// [`outbound`] with the service's accounts from
+/// [`Mesh::service_accounts_by_service`], computed once for every cluster.
+pub fn outbound_with_accounts(
+    mesh: &Mesh,
+    trust_domain: &str,
+    service: &Service,
+    port: &ServicePort,
+    accounts: &BTreeSet<&str>,
+) -> Cluster {
     let name = names::outbound_cluster(&service.key, port.port);
-    let transport_socket = originates_mtls(mesh, service, port).then(|| {
-        let ids = server_identities(mesh, trust_domain, service);
-        let ctx = if ids.is_empty() {
-            tls::upstream_mtls_namespace(service.hostname(), trust_domain, &service.key.namespace)
-        } else {
-            tls::upstream_mtls(service.hostname(), &ids)
-        };
-        tls::transport_socket(ctx)
-    });
+    let transport_socket =
+        originates_mtls_with(mesh, service, port, !accounts.is_empty()).then(|| {
+            let ids = identities(trust_domain, service, accounts.iter().copied());
+            let ctx = if ids.is_empty() {
+                tls::upstream_mtls_namespace(
+                    service.hostname(),
+                    trust_domain,
+                    &service.key.namespace,
+                )
+            } else {
+                tls::upstream_mtls(service.hostname(), &ids)
+            };
+            tls::transport_socket(ctx)
+        });
     Cluster {
         cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
             cluster::DiscoveryType::Eds as i32,

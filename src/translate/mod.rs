@@ -118,7 +118,8 @@ mod tests;
 
 pub use consistency::{DanglingRef, RefKind, check_consistency};
 pub use proxy::{
-    MeshResources, ProxyTranslation, mesh_resources, proxy_resources, proxy_resources_with,
+    MeshResources, ProxyTranslation, SplitTranslation, mesh_resources, outbound_listeners,
+    proxy_resources, proxy_resources_with, split_translation,
 };
 pub use secret::secrets;
 

@@ -57,12 +57,20 @@ pub fn mesh_resources(mesh: &Mesh, trust_domain: &str) -> MeshResources {
         trust_domain: trust_domain.to_string(),
         ..Default::default()
     };
+    // Once per mesh, not once per cluster: a scan of every workload per
+    // service port was O(services × workloads) on every change.
+    let accounts = mesh.service_accounts_by_service();
+    let none = std::collections::BTreeSet::new();
     for svc in mesh.services.values() {
+        let svc_accounts = accounts.get(&svc.key).unwrap_or(&none);
         for port in &svc.ports {
             let name = names::outbound_cluster(&svc.key, port.port);
             insert(
                 &mut out.clusters,
-                Resource::new(&name, cluster::outbound(mesh, trust_domain, svc, port)),
+                Resource::new(
+                    &name,
+                    cluster::outbound_with_accounts(mesh, trust_domain, svc, port, svc_accounts),
+                ),
             );
             let eps = mesh.endpoints(&svc.key, port.port);
             insert(
@@ -149,54 +157,6 @@ fn overlaps(a: (IpAddr, u16), b: (IpAddr, u16)) -> bool {
     a.1 == b.1 && (a.0 == b.0 || a.0.is_unspecified() || b.0.is_unspecified())
 }
 
-/// Listeners of a pod without redirection: one inbound listener per target
-/// port on the pod IP, one outbound listener per service port on the
-/// outbound IP (skipped where it would collide with a bound address).
-fn explicit_listeners(
-    mesh: &Mesh,
-    w: &Workload,
-    trust_domain: &str,
-    inbound: &BTreeMap<u16, InboundPort>,
-    listeners: &mut ResourceMap,
-    warnings: &mut Vec<String>,
-) {
-    // Bound addresses so far, with the listener holding each.
-    let mut bound: Vec<((IpAddr, u16), String)> = Vec::new();
-    for (&target, &InboundPort { protocol, mode }) in inbound {
-        let name = names::inbound_listener(target);
-        insert(
-            listeners,
-            Resource::new(
-                &name,
-                listener::inbound(w.ip, trust_domain, target, protocol, mode),
-            ),
-        );
-        bound.push(((w.ip, target), name));
-    }
-    for svc in mesh.services.values() {
-        for port in &svc.ports {
-            let name = names::outbound_listener(&svc.key, port.port);
-            let addr = (w.outbound_ip, port.port);
-            if let Some((held, holder)) = bound.iter().find(|(a, _)| overlaps(*a, addr)) {
-                warnings.push(format!(
-                    "pod {}: outbound listener {name} skipped: {}:{} collides with listener \
-                     {holder} on {}:{}",
-                    w.key, addr.0, addr.1, held.0, held.1
-                ));
-                continue;
-            }
-            insert(
-                listeners,
-                Resource::new(
-                    &name,
-                    listener::outbound(addr.0, &svc.key, port.port, port.protocol),
-                ),
-            );
-            bound.push((addr, name));
-        }
-    }
-}
-
 /// Resources of the sidecar of pod `proxy`, reusing the shared part.
 ///
 /// `shared` must come from [`mesh_resources`] on the same `mesh`; a
@@ -218,60 +178,28 @@ pub fn proxy_resources_with(
         });
     }
     let mut warnings = Vec::new();
+    let inbound = inbound_part(mesh, w, trust_domain, &mut warnings);
     let mut clusters = shared.clusters.clone();
+    clusters.extend(inbound.clusters);
     let endpoints = shared.endpoints.clone();
     let mut routes = shared.routes.clone();
-    let mut listeners = ResourceMap::new();
-
-    let inbound = inbound_ports(mesh, w, &mut warnings);
-    for (&target, &InboundPort { protocol, .. }) in &inbound {
-        let cluster_name = names::inbound_cluster(target);
-        insert(
-            &mut clusters,
-            Resource::new(&cluster_name, cluster::inbound(w.app_ip, target, protocol)),
-        );
-        if protocol == Protocol::Http {
-            let route_name = names::inbound_route(target);
-            insert(
-                &mut routes,
-                Resource::new(
-                    &route_name,
-                    route::catch_all(&route_name, &format!("inbound|{target}"), &cluster_name),
-                ),
+    routes.extend(inbound.routes);
+    let mut listeners = inbound.listeners;
+    match w.interception {
+        Interception::Explicit => {
+            let mut bound = inbound.bound;
+            let who = format!("pod {}", w.key);
+            outbound_part(
+                mesh,
+                &who,
+                w.outbound_ip,
+                &mut bound,
+                &mut listeners,
+                &mut warnings,
             );
         }
-    }
-    match w.interception {
-        Interception::Explicit => explicit_listeners(
-            mesh,
-            w,
-            trust_domain,
-            &inbound,
-            &mut listeners,
-            &mut warnings,
-        ),
         Interception::Redirect => {
-            let targets: Vec<redirect::InboundTarget> = inbound
-                .iter()
-                .map(|(&port, p)| redirect::InboundTarget {
-                    port,
-                    protocol: p.protocol,
-                    mode: p.mode,
-                })
-                .collect();
             let mut redirect_warnings = Vec::new();
-            insert(
-                &mut listeners,
-                Resource::new(
-                    names::VIRTUAL_INBOUND_LISTENER,
-                    redirect::inbound_listener(
-                        w.ip,
-                        trust_domain,
-                        &targets,
-                        &mut redirect_warnings,
-                    ),
-                ),
-            );
             let (outbound, direct) =
                 redirect::outbound_listener(mesh, trust_domain, &mut redirect_warnings);
             insert(
@@ -286,19 +214,6 @@ pub fn proxy_resources_with(
                     .into_iter()
                     .map(|m| format!("pod {}: {m}", w.key)),
             );
-            for name in [
-                names::PASSTHROUGH_CLUSTER,
-                names::INBOUND_PASSTHROUGH_CLUSTER,
-            ] {
-                insert(
-                    &mut clusters,
-                    Resource::new(name, redirect::original_dst_cluster(name)),
-                );
-            }
-            insert(
-                &mut clusters,
-                Resource::new(names::BLACKHOLE_CLUSTER, redirect::blackhole_cluster()),
-            );
         }
     }
 
@@ -311,6 +226,205 @@ pub fn proxy_resources_with(
         resources,
         warnings,
     })
+}
+
+/// The per-pod (`inbound|…`) resources of a sidecar.
+struct InboundPart {
+    listeners: ResourceMap,
+    clusters: ResourceMap,
+    routes: ResourceMap,
+    /// Addresses the inbound listeners bind, with the listener holding each.
+    bound: Vec<((IpAddr, u16), String)>,
+}
+
+fn inbound_part(
+    mesh: &Mesh,
+    w: &Workload,
+    trust_domain: &str,
+    warnings: &mut Vec<String>,
+) -> InboundPart {
+    let mut out = InboundPart {
+        listeners: ResourceMap::new(),
+        clusters: ResourceMap::new(),
+        routes: ResourceMap::new(),
+        bound: Vec::new(),
+    };
+    let ports = inbound_ports(mesh, w, warnings);
+    for (&target, &InboundPort { protocol, mode }) in &ports {
+        if w.interception == Interception::Explicit {
+            let name = names::inbound_listener(target);
+            insert(
+                &mut out.listeners,
+                Resource::new(
+                    &name,
+                    listener::inbound(w.ip, trust_domain, target, protocol, mode),
+                ),
+            );
+            out.bound.push(((w.ip, target), name));
+        }
+        let cluster_name = names::inbound_cluster(target);
+        insert(
+            &mut out.clusters,
+            Resource::new(&cluster_name, cluster::inbound(w.app_ip, target, protocol)),
+        );
+        if protocol == Protocol::Http {
+            let route_name = names::inbound_route(target);
+            insert(
+                &mut out.routes,
+                Resource::new(
+                    &route_name,
+                    route::catch_all(&route_name, &format!("inbound|{target}"), &cluster_name),
+                ),
+            );
+        }
+    }
+    if w.interception == Interception::Redirect {
+        let targets: Vec<redirect::InboundTarget> = ports
+            .iter()
+            .map(|(&port, p)| redirect::InboundTarget {
+                port,
+                protocol: p.protocol,
+                mode: p.mode,
+            })
+            .collect();
+        let mut redirect_warnings = Vec::new();
+        insert(
+            &mut out.listeners,
+            Resource::new(
+                names::VIRTUAL_INBOUND_LISTENER,
+                redirect::inbound_listener(w.ip, trust_domain, &targets, &mut redirect_warnings),
+            ),
+        );
+        warnings.extend(
+            redirect_warnings
+                .into_iter()
+                .map(|m| format!("pod {}: {m}", w.key)),
+        );
+        for name in [
+            names::PASSTHROUGH_CLUSTER,
+            names::INBOUND_PASSTHROUGH_CLUSTER,
+        ] {
+            insert(
+                &mut out.clusters,
+                Resource::new(name, redirect::original_dst_cluster(name)),
+            );
+        }
+        insert(
+            &mut out.clusters,
+            Resource::new(names::BLACKHOLE_CLUSTER, redirect::blackhole_cluster()),
+        );
+    }
+    out
+}
+
+/// One outbound listener per service port at `outbound_ip`, skipping any
+/// whose address collides with one already in `bound`.
+fn outbound_part(
+    mesh: &Mesh,
+    who: &str,
+    outbound_ip: IpAddr,
+    bound: &mut Vec<((IpAddr, u16), String)>,
+    listeners: &mut ResourceMap,
+    warnings: &mut Vec<String>,
+) {
+    for svc in mesh.services.values() {
+        for port in &svc.ports {
+            let name = names::outbound_listener(&svc.key, port.port);
+            let addr = (outbound_ip, port.port);
+            if let Some((held, holder)) = bound.iter().find(|(a, _)| overlaps(*a, addr)) {
+                warnings.push(format!(
+                    "{who}: outbound listener {name} skipped: {}:{} collides with listener \
+                     {holder} on {}:{}",
+                    addr.0, addr.1, held.0, held.1
+                ));
+                continue;
+            }
+            insert(
+                listeners,
+                Resource::new(
+                    &name,
+                    listener::outbound(addr.0, &svc.key, port.port, port.protocol),
+                ),
+            );
+            bound.push((addr, name));
+        }
+    }
+}
+
+/// A sidecar's translation split in two, so that sidecars with the same
+/// outbound address share one translation of the outbound listeners (the
+/// bulk of a sidecar's own configuration: one listener per service port)
+/// instead of each encoding its own copy.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SplitTranslation {
+    /// The pod's own `inbound|…` listeners, clusters and routes.
+    pub inbound: ProxyResources,
+    /// Where the outbound listeners bind; equal for every pod that shares
+    /// the [`outbound_listeners`] translation.
+    pub outbound_ip: IpAddr,
+    /// Warnings of the inbound part (the outbound part has its own).
+    pub warnings: Vec<String>,
+}
+
+/// The inbound part of the sidecar of `proxy`, when its outbound listeners
+/// are exactly [`outbound_listeners`] of its outbound address, i.e. none of
+/// its inbound listeners binds an address an outbound listener would.
+/// `Ok(None)` when they collide: use [`proxy_resources_with`] instead.
+pub fn split_translation(
+    mesh: &Mesh,
+    trust_domain: &str,
+    proxy: &ObjectKey,
+) -> Result<Option<SplitTranslation>, TranslateError> {
+    let w = mesh
+        .workloads
+        .get(proxy)
+        .ok_or_else(|| TranslateError::UnknownProxy(proxy.clone()))?;
+    // A redirected sidecar's virtual listeners are translated whole.
+    if w.interception == Interception::Redirect {
+        return Ok(None);
+    }
+    let mut warnings = Vec::new();
+    let inbound = inbound_part(mesh, w, trust_domain, &mut warnings);
+    let collides = inbound.bound.iter().any(|(a, _)| {
+        mesh.services
+            .values()
+            .flat_map(|s| &s.ports)
+            .any(|p| overlaps(*a, (w.outbound_ip, p.port)))
+    });
+    if collides {
+        return Ok(None);
+    }
+    let mut resources = ProxyResources::default();
+    resources
+        .by_type
+        .insert(type_url::CLUSTER, inbound.clusters);
+    resources
+        .by_type
+        .insert(type_url::LISTENER, inbound.listeners);
+    resources.by_type.insert(type_url::ROUTE, inbound.routes);
+    Ok(Some(SplitTranslation {
+        inbound: resources,
+        outbound_ip: w.outbound_ip,
+        warnings,
+    }))
+}
+
+/// The outbound listeners of every sidecar whose outbound address is
+/// `outbound_ip` and whose inbound listeners do not collide with them (see
+/// [`split_translation`]), with the warnings of collisions among themselves.
+pub fn outbound_listeners(mesh: &Mesh, outbound_ip: IpAddr) -> (ResourceMap, Vec<String>) {
+    let mut listeners = ResourceMap::new();
+    let mut warnings = Vec::new();
+    let who = format!("pods with outbound address {outbound_ip}");
+    outbound_part(
+        mesh,
+        &who,
+        outbound_ip,
+        &mut Vec::new(),
+        &mut listeners,
+        &mut warnings,
+    );
+    (listeners, warnings)
 }
 
 /// Resources of the sidecar of pod `proxy` (convenience: builds the shared

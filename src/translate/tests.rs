@@ -920,6 +920,52 @@ fn two_modes_on_one_target_port_take_the_stricter_with_a_warning() {
     assert_eq!(names, ["mtls", "mtls-other-alpn"]);
 }
 
+#[test]
+fn split_translation_equals_the_whole_one_or_declines_on_collisions() {
+    let mut mesh = test_mesh();
+    // Two services on one port: the outbound part has a collision of its own.
+    let s = service("analytics", 5432, "pg", TargetPort::Number(5432), false);
+    mesh.services.insert(s.key.clone(), s);
+    let shared = mesh_resources(&mesh, TD);
+    let mut split_pods = Vec::new();
+    for pod in ["client-0", "server-0", "db-0"] {
+        let whole = proxy_resources_with(&mesh, &shared, TD, &key(pod)).unwrap();
+        let Some(split) = split_translation(&mesh, TD, &key(pod)).unwrap() else {
+            continue;
+        };
+        split_pods.push(pod);
+        let (outbound, outbound_warnings) = outbound_listeners(&mesh, split.outbound_ip);
+        let mut combined = ProxyResources::default();
+        let shared_maps = [
+            (type_url::CLUSTER, &shared.clusters),
+            (type_url::ENDPOINT, &shared.endpoints),
+            (type_url::ROUTE, &shared.routes),
+        ];
+        for (ty, map) in shared_maps {
+            combined.by_type.insert(ty, map.clone());
+        }
+        combined
+            .by_type
+            .insert(type_url::LISTENER, outbound.clone());
+        for (ty, map) in &split.inbound.by_type {
+            combined
+                .by_type
+                .entry(ty)
+                .or_default()
+                .extend(map.iter().map(|(n, r)| (n.clone(), r.clone())));
+        }
+        assert_eq!(combined, whole.resources, "{pod}");
+        assert_eq!(
+            split.warnings.len() + outbound_warnings.len(),
+            whole.warnings.len(),
+            "{pod}: {:?}",
+            whole.warnings
+        );
+    }
+    // db-0 binds 5432 where its outbound listener would: no split.
+    assert_eq!(split_pods, ["client-0", "server-0"]);
+}
+
 // ------------------------------------------------------ redirected traffic
 
 /// The test mesh with cluster IPs, `server-0` and `client-0` redirected.
@@ -1013,6 +1059,8 @@ fn redirected_pods_get_only_the_two_virtual_listeners() {
     // neighbours' redirection.
     assert!(listener_names(&explicit).contains(&"inbound|5432".to_string()));
     assert!(translate(&mesh, "client-0").warnings.is_empty());
+    // Their virtual listeners are translated whole, never split.
+    assert_eq!(split_translation(&mesh, TD, &key("server-0")), Ok(None));
     for pod in ["server-0", "client-0", "db-0"] {
         let t = translate(&mesh, pod);
         check_consistency(&t.resources, &[names::WORKLOAD_CERT, names::TRUST_BUNDLE])

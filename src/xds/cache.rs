@@ -358,7 +358,16 @@ pub struct MeshSnapshot {
     /// The shared resources' own references (clusters → endpoints, routes →
     /// clusters), checked once here rather than by every stream.
     pub consistency: Result<(), TranslateError>,
+    /// Outbound listeners per outbound address, translated (and checked)
+    /// once by the first stream that needs them and shared by every proxy
+    /// with that address; carried over to the next snapshot while the
+    /// epoch is unchanged. Without it each connecting proxy encoded its own
+    /// copy of one listener per service port before interning dropped it.
+    outbound: Arc<Mutex<HashMap<std::net::IpAddr, OutboundListeners>>>,
 }
+
+/// One outbound address's listeners, as [`MeshSnapshot::outbound_listeners`] built them.
+type OutboundListeners = Result<(Arc<Layer>, Arc<Vec<String>>), TranslateError>;
 
 impl MeshSnapshot {
     fn build(mesh: Arc<Mesh>, trust_domain: &str, previous: Option<&MeshSnapshot>) -> MeshSnapshot {
@@ -404,6 +413,12 @@ impl MeshSnapshot {
         }
         let consistency =
             translate::check_consistency(&flat, &[names::WORKLOAD_CERT, names::TRUST_BUNDLE]);
+        // Outbound listeners read only the services (names, ports and
+        // protocols), an input of the epoch, so they stay valid while it does.
+        let outbound = match previous {
+            Some(p) if p.epoch == epoch => p.outbound.clone(),
+            _ => Default::default(),
+        };
         MeshSnapshot {
             generation: previous.map_or(1, |p| p.generation + 1),
             mesh,
@@ -411,7 +426,44 @@ impl MeshSnapshot {
             epoch,
             layers,
             consistency,
+            outbound,
         }
+    }
+
+    /// The outbound listeners of every proxy whose outbound address is
+    /// `ip` (see [`translate::split_translation`]), with the warnings of
+    /// their translation; checked against the shared clusters and routes.
+    fn outbound_listeners(&self, ip: std::net::IpAddr) -> OutboundListeners {
+        // Held while translating: proxies connecting together wait for the
+        // one translation instead of each running its own.
+        let mut cache = match self.outbound.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(hit) = cache.get(&ip) {
+            return hit.clone();
+        }
+        let (listeners, warnings) = translate::outbound_listeners(&self.mesh, ip);
+        let mut check = ProxyResources::default();
+        check
+            .by_type
+            .insert(type_url::CLUSTER, self.shared.clusters.clone());
+        check
+            .by_type
+            .insert(type_url::ENDPOINT, self.shared.endpoints.clone());
+        check
+            .by_type
+            .insert(type_url::ROUTE, self.shared.routes.clone());
+        check.by_type.insert(type_url::LISTENER, listeners);
+        let built =
+            translate::check_consistency(&check, &[names::WORKLOAD_CERT, names::TRUST_BUNDLE]).map(
+                |()| {
+                    let listeners = check.by_type.remove(type_url::LISTENER).unwrap_or_default();
+                    (intern_layer(Layer::new(listeners)), Arc::new(warnings))
+                },
+            );
+        cache.insert(ip, built.clone());
+        built
     }
 }
 
@@ -642,6 +694,77 @@ impl ProxyBuilder {
 
     fn translate(&mut self, view: &MeshSnapshot) -> Result<(), TranslateError> {
         self.translations += 1;
+        if let Some(own) = self.translate_split(view)? {
+            self.memo = Some(Memo {
+                epoch: view.epoch,
+                workload: view.mesh.workloads.get(&self.pod).cloned(),
+                own,
+            });
+            return Ok(());
+        }
+        self.translate_whole(view)
+    }
+
+    /// The common path: the pod's own inbound resources plus the outbound
+    /// listeners shared by every proxy with its outbound address
+    /// ([`MeshSnapshot::outbound_listeners`]). `None` when the split does
+    /// not apply (an inbound listener collides with an outbound one, or the
+    /// inbound part alone does not check out): [`Self::translate_whole`]
+    /// then gives the exact per-proxy answer.
+    #[allow(clippy::type_complexity)]
+    fn translate_split(
+        &self,
+        view: &MeshSnapshot,
+    ) -> Result<Option<BTreeMap<&'static str, [Arc<Layer>; 2]>>, TranslateError> {
+        let split = match translate::split_translation(&view.mesh, &self.trust_domain, &self.pod) {
+            Ok(Some(split)) => split,
+            Ok(None) | Err(_) => return Ok(None),
+        };
+        // Inbound resources only reference each other and the secrets.
+        if translate::check_consistency(
+            &split.inbound,
+            &[names::WORKLOAD_CERT, names::TRUST_BUNDLE],
+        )
+        .is_err()
+        {
+            return Ok(None);
+        }
+        let (outbound, outbound_warnings) = view.outbound_listeners(split.outbound_ip)?;
+        for w in split.warnings.iter().chain(outbound_warnings.iter()) {
+            tracing::warn!(pod = %self.pod, "{w}");
+        }
+        let mut own = BTreeMap::new();
+        for ty in [
+            type_url::CLUSTER,
+            type_url::ENDPOINT,
+            type_url::LISTENER,
+            type_url::ROUTE,
+        ] {
+            let old = self.memo.as_ref().and_then(|m| m.own.get(ty));
+            let common = if ty == type_url::LISTENER {
+                outbound.clone()
+            } else {
+                Layer::empty()
+            };
+            // Equal content: keep the old `Arc` so the stream sees no change.
+            let common = match old {
+                Some([c, _]) if c.version == common.version => c.clone(),
+                _ => common,
+            };
+            let pod = split.inbound.get(ty).cloned().unwrap_or_default();
+            let pod = match old {
+                Some([_, p]) if p.version == layer_version(&pod) => p.clone(),
+                Some([_, p]) => Arc::new(Layer::replacing(pod, p)),
+                None => Arc::new(Layer::new(pod)),
+            };
+            own.insert(ty, [common, pod]);
+        }
+        Ok(Some(own))
+    }
+
+    /// Translate the proxy on its own (any mesh, including address
+    /// collisions between its inbound and outbound listeners).
+    fn translate_whole(&mut self, view: &MeshSnapshot) -> Result<(), TranslateError> {
         let workload = view.mesh.workloads.get(&self.pod).cloned();
         let resources = match translate::proxy_resources_with(
             &view.mesh,
