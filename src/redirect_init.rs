@@ -157,30 +157,21 @@ impl RedirectRules {
         }
         let input = self.restore_input(&missing);
         let restore = format!("{iptables}-restore");
+        let io_err = |source| RedirectError::Spawn {
+            command: restore.clone(),
+            source,
+        };
         let mut child = Command::new(&restore)
             .arg("--noflush")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|source| RedirectError::Spawn {
-                command: restore.clone(),
-                source,
-            })?;
+            .map_err(io_err)?;
         if let Some(mut stdin) = child.stdin.take() {
-            stdin
-                .write_all(input.as_bytes())
-                .map_err(|source| RedirectError::Spawn {
-                    command: restore.clone(),
-                    source,
-                })?;
+            stdin.write_all(input.as_bytes()).map_err(io_err)?;
         }
-        let out = child
-            .wait_with_output()
-            .map_err(|source| RedirectError::Spawn {
-                command: restore.clone(),
-                source,
-            })?;
+        let out = child.wait_with_output().map_err(io_err)?;
         if !out.status.success() {
             return Err(RedirectError::Failed {
                 command: format!("{restore} --noflush"),

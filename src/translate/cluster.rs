@@ -15,7 +15,7 @@ use super::{endpoint, names, tls};
 use crate::model::{ClientTls, Mesh, MtlsMode, Protocol, Service, ServicePort};
 
 /// How long a sidecar waits for a TCP (and TLS) connection to an upstream.
-const CONNECT_TIMEOUT: Duration = Duration {
+pub(super) const CONNECT_TIMEOUT: Duration = Duration {
     seconds: 5,
     nanos: 0,
 };

@@ -184,17 +184,23 @@ pub fn inbound(
         address: Some(endpoint::socket_address(pod_ip, target_port)),
         stat_prefix: stat_prefix.clone(),
         traffic_direction: TrafficDirection::Inbound as i32,
-        listener_filters: vec![ListenerFilter {
-            name: TLS_INSPECTOR.into(),
-            config_type: Some(listener_filter::ConfigType::TypedConfig(pack_any(
-                TlsInspector::default(),
-            ))),
-            ..Default::default()
-        }],
+        listener_filters: vec![tls_inspector()],
         // A server-speaks-first protocol (the client sends nothing) must
         // still reach the plaintext chain when the inspector times out.
         continue_on_listener_filters_timeout: true,
         filter_chains,
+        ..Default::default()
+    }
+}
+
+/// The TLS inspector listener filter: lets filter chains match on
+/// transport protocol and ALPN.
+pub(super) fn tls_inspector() -> ListenerFilter {
+    ListenerFilter {
+        name: TLS_INSPECTOR.into(),
+        config_type: Some(listener_filter::ConfigType::TypedConfig(pack_any(
+            TlsInspector::default(),
+        ))),
         ..Default::default()
     }
 }

@@ -199,9 +199,9 @@ pub fn proxy_resources_with(
             );
         }
         Interception::Redirect => {
-            let mut redirect_warnings = Vec::new();
+            let who = format!("pod {}", w.key);
             let (outbound, direct) =
-                redirect::outbound_listener(mesh, trust_domain, &mut redirect_warnings);
+                redirect::outbound_listener(mesh, trust_domain, &who, &mut warnings);
             insert(
                 &mut listeners,
                 Resource::new(names::VIRTUAL_OUTBOUND_LISTENER, outbound),
@@ -209,11 +209,6 @@ pub fn proxy_resources_with(
             for c in direct {
                 insert(&mut clusters, Resource::new(c.name.clone(), c));
             }
-            warnings.extend(
-                redirect_warnings
-                    .into_iter()
-                    .map(|m| format!("pod {}: {m}", w.key)),
-            );
         }
     }
 
@@ -287,18 +282,13 @@ fn inbound_part(
                 mode: p.mode,
             })
             .collect();
-        let mut redirect_warnings = Vec::new();
+        let who = format!("pod {}", w.key);
         insert(
             &mut out.listeners,
             Resource::new(
                 names::VIRTUAL_INBOUND_LISTENER,
-                redirect::inbound_listener(w.ip, trust_domain, &targets, &mut redirect_warnings),
+                redirect::inbound_listener(w.ip, trust_domain, &targets, &who, warnings),
             ),
-        );
-        warnings.extend(
-            redirect_warnings
-                .into_iter()
-                .map(|m| format!("pod {}: {m}", w.key)),
         );
         for name in [
             names::PASSTHROUGH_CLUSTER,

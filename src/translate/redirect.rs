@@ -34,8 +34,7 @@ use envoy_types::pb::envoy::config::listener::v3::{
     FilterChain, FilterChainMatch, Listener, ListenerFilter, listener_filter,
 };
 use envoy_types::pb::envoy::extensions::filters::listener::original_dst::v3::OriginalDst;
-use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
-use envoy_types::pb::google::protobuf::{Duration, UInt32Value};
+use envoy_types::pb::google::protobuf::UInt32Value;
 use envoy_types::util::pack_any;
 
 use super::{cluster, endpoint, listener, names};
@@ -49,26 +48,11 @@ const OUTBOUND_BIND: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 /// rewrites to the address of the interface the packet came in on.
 const INBOUND_BIND: IpAddr = IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
 
-const CONNECT_TIMEOUT: Duration = Duration {
-    seconds: 5,
-    nanos: 0,
-};
-
 fn original_dst_filter() -> ListenerFilter {
     ListenerFilter {
         name: listener::ORIGINAL_DST.into(),
         config_type: Some(listener_filter::ConfigType::TypedConfig(pack_any(
             OriginalDst::default(),
-        ))),
-        ..Default::default()
-    }
-}
-
-fn tls_inspector_filter() -> ListenerFilter {
-    ListenerFilter {
-        name: listener::TLS_INSPECTOR.into(),
-        config_type: Some(listener_filter::ConfigType::TypedConfig(pack_any(
-            TlsInspector::default(),
         ))),
         ..Default::default()
     }
@@ -112,9 +96,12 @@ fn blackhole_chain(port: u16) -> FilterChain {
 ///   port), proxied to a per-service-port `ORIGINAL_DST` cluster with the
 ///   outbound cluster's TLS: the call goes to the pod the client chose,
 ///   over mTLS with the service's identities checked.
+///
+/// Warnings are prefixed with `who` (the proxy).
 pub fn outbound_listener(
     mesh: &Mesh,
     trust_domain: &str,
+    who: &str,
     warnings: &mut Vec<String>,
 ) -> (Listener, Vec<Cluster>) {
     let mut chains = Vec::new();
@@ -129,7 +116,7 @@ pub fn outbound_listener(
         for port in &svc.ports {
             if port.port == names::REDIRECT_OUTBOUND_PORT {
                 warnings.push(format!(
-                    "service {} port {}: the port of the virtual outbound listener; calls to it \
+                    "{who}: service {} port {}: the port of the virtual outbound listener; calls to it \
                      are not intercepted",
                     svc.key, port.port
                 ));
@@ -143,7 +130,7 @@ pub fn outbound_listener(
                 .collect();
             if ips.len() < svc.cluster_ips.len() {
                 warnings.push(format!(
-                    "service {} port {}: a cluster IP is also another service's; calls to it go \
+                    "{who}: service {} port {}: a cluster IP is also another service's; calls to it go \
                      to the first service by name",
                     svc.key, port.port
                 ));
@@ -250,18 +237,19 @@ pub struct InboundTarget {
 
 /// The virtual inbound listener: for each target port, the filter chains of
 /// the explicit-mode inbound listener for its mode, restricted to that
-/// destination port.
+/// destination port. Warnings are prefixed with `who` (the proxy).
 pub fn inbound_listener(
     pod_ip: IpAddr,
     trust_domain: &str,
     targets: &[InboundTarget],
+    who: &str,
     warnings: &mut Vec<String>,
 ) -> Listener {
     let mut chains = Vec::new();
     for t in targets {
         if t.port == names::REDIRECT_INBOUND_PORT || t.port == names::REDIRECT_OUTBOUND_PORT {
             warnings.push(format!(
-                "target port {} is a port of the sidecar itself; not served",
+                "{who}: target port {} is a port of the sidecar itself; not served",
                 t.port
             ));
             continue;
@@ -309,7 +297,7 @@ pub fn inbound_listener(
         traffic_direction: TrafficDirection::Inbound as i32,
         // original_dst first: the TLS inspector's chain choice needs the
         // destination port already restored.
-        listener_filters: vec![original_dst_filter(), tls_inspector_filter()],
+        listener_filters: vec![original_dst_filter(), listener::tls_inspector()],
         // A server-speaks-first protocol must still reach its chain when
         // the TLS inspector times out.
         continue_on_listener_filters_timeout: true,
@@ -334,7 +322,7 @@ pub fn original_dst_cluster(name: &str) -> Cluster {
             cluster_pb::DiscoveryType::OriginalDst as i32,
         )),
         lb_policy: cluster_pb::LbPolicy::ClusterProvided as i32,
-        connect_timeout: Some(CONNECT_TIMEOUT),
+        connect_timeout: Some(cluster::CONNECT_TIMEOUT),
         ..Default::default()
     }
 }
@@ -346,7 +334,7 @@ pub fn blackhole_cluster() -> Cluster {
         cluster_discovery_type: Some(cluster_pb::ClusterDiscoveryType::Type(
             cluster_pb::DiscoveryType::Static as i32,
         )),
-        connect_timeout: Some(CONNECT_TIMEOUT),
+        connect_timeout: Some(cluster::CONNECT_TIMEOUT),
         ..Default::default()
     }
 }
